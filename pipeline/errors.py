@@ -1,0 +1,137 @@
+"""The pipeline's exceptions, one tree with a transient/permanent split.
+
+    PipelineError
+    ├── ConfigError              bad settings or missing credentials (exit 2)
+    ├── ManifestError            an invalid manifest; carries every problem (exit 2)
+    ├── ServiceUnavailable       broker, database or bucket unreachable (exit 4)
+    ├── TransientError           worth retrying later; may carry retry_after seconds
+    │   ├── ApiTransientError    429, 5xx, connection reset, timeout
+    │   ├── AssetUrlExpired      the CDN refused a signed URL (403): refresh the asset
+    │   ├── DownloadIncomplete   a body cut off mid-stream
+    │   ├── StorageTransientError
+    │   └── DatabaseTransientError
+    └── PermanentError           retrying cannot help
+        ├── ApiPermanentError    400, 403, 404, 409, 422 with the API's message
+        │   └── AuthError        401 (or 403 on the API itself): stops the run
+        ├── JobFailed            Scenario reported the job as `failure`
+        ├── StorageConflict      an object exists at the key with different bytes
+        └── ChecksumMismatch     stored bytes do not match the computed sha256
+
+Third-party errors (httpx, botocore, SQLAlchemy) are translated into these at the module
+that talks to them and never leak past it. Messages never contain credentials.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """The pipeline failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(PipelineError):
+    """The configuration is invalid."""
+
+
+class ManifestError(PipelineError):
+    """The manifest is invalid."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems) or "invalid manifest")
+
+
+class ServiceUnavailable(PipelineError):
+    """A required service could not be reached."""
+
+
+class TransientError(PipelineError):
+    """A transient failure: try again later."""
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(PipelineError):
+    """A permanent failure: retrying cannot help."""
+
+
+class ApiError(PipelineError):
+    """The Scenario API answered with an error."""
+
+    status_code: int | None = None
+    hint: str | None = None
+
+
+class ApiTransientError(TransientError, ApiError):
+    """The Scenario API is throttling or failing for now."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status_code = status_code
+
+
+class ApiPermanentError(PermanentError, ApiError):
+    """The Scenario API rejected the request."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status_code: int | None = None,
+        name: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.name = name
+        self.hint = hint
+
+
+class AuthError(ApiPermanentError):
+    """The Scenario API refused the credentials."""
+
+
+class AssetUrlExpired(TransientError):
+    """The signed asset URL was refused or has expired."""
+
+
+class DownloadIncomplete(TransientError):
+    """The download ended before the whole body arrived."""
+
+
+class StorageTransientError(TransientError):
+    """The storage backend is failing for now."""
+
+
+class DatabaseTransientError(TransientError):
+    """The database is failing for now."""
+
+
+class JobFailed(PermanentError):
+    """The Scenario job failed."""
+
+    def __init__(self, message: str | None = None, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class StorageConflict(PermanentError):
+    """An object with different bytes already exists at this key."""
+
+
+class ChecksumMismatch(PermanentError):
+    """The stored bytes do not match the computed sha256."""
