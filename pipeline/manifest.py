@@ -1,0 +1,672 @@
+"""Manifests: load, validate and expand a YAML batch description (format version 1).
+
+    version: 1                     optional; only 1 exists
+    name: forest-icons             required slug (lowercase letters, digits, single dashes)
+    description: ...               optional free text, not sent anywhere
+    model: model_bfl-flux-2-dev    required: the model that runs (POST /generate/custom/{model})
+    trained_model: model_abc123    optional: a trained style/LoRA, sent as body.modelId
+    seed: 42                       required integer 0..2**53-1; items may override it
+    params: {...}                  model inputs passed through as the API names them
+    output: "{manifest}/{item}/{index}.{ext}"   storage key template (see pipeline.keys)
+    items:                         non-empty list
+      - id: iron-sword             required slug, unique in the manifest
+        prompt: "..."              required, except for tool models (TOOL_MODELS)
+        seed: 7                    optional override
+        params: {numOutputs: 4}    merged over the manifest's params (shallow; null removes)
+        image: refs/shield.png     local file relative to the manifest, sent as body.image
+        reference_images: [a.png]  local files, sent as body.referenceImages
+        tags: [weapon]             optional labels, not sent and not part of the item key
+
+Rules beyond the types: unknown keys are errors; types are strict (`seed: "42"` is an
+error); `params` may not set `prompt`, `seed`, `modelId`, `image` or `referenceImages`
+(they have dedicated fields); `numOutputs` is an integer 1..8; param values must be JSON;
+prompts are stripped of surrounding whitespace (so `>`/`|` block scalars hash like quoted
+strings); tool models need an `image`; input files must exist and be PNG, JPEG or WebP.
+
+An item's `item_key` hashes what decides its output (model, trained model, seed, merged
+params, prompt, input image bytes) but not its id, the manifest name or the output template,
+so renaming or reordering items never pays for the same image twice (see pipeline.keys).
+
+Every problem is reported, as `file:line: field: message`, with `field` a path such as
+`items[2].seed`. Problems that belong to no field use `<file>` (unreadable), `<yaml>`
+(syntax) or `<manifest>` (not a mapping, empty).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import ManifestError
+from pipeline.keys import (
+    DEFAULT_TEMPLATE,
+    compute_item_key,
+    find_key_collisions,
+    render_key,
+    uses_index,
+    validate_template,
+)
+
+# Models that transform an input image rather than generate from a prompt.
+TOOL_MODELS = frozenset(
+    {
+        "model_photoroom-background-removal",
+        "model_scenario-image-slicer",
+        "model_upscale-v3",
+        "model_scenario-grid-maker",
+        "model_scenario-resize-image",
+    }
+)
+RESERVED_PARAMS = {
+    "prompt": "prompt",
+    "seed": "seed",
+    "modelId": "trained_model",
+    "image": "image",
+    "referenceImages": "reference_images",
+}
+MAX_SEED = 2**53 - 1  # the API's seeds are JSON numbers: stay exactly representable
+MAX_OUTPUTS = 8  # numOutputs bounds in the Swagger file
+SLUG_RULE = "must be a slug: lowercase letters, digits and single dashes"
+SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_COMMON_INPUTS = frozenset(
+    {"numOutputs", "width", "height", "guidance", "strength", "negativePrompt", "aspectRatio"}
+)
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A local input image, identified by the sha256 of its bytes."""
+
+    path: Path
+    sha256: str
+    size: int
+    mime_type: str
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """One expanded item: what to send, and the key that identifies its output."""
+
+    id: str
+    line: int
+    prompt: str | None
+    seed: int
+    params: dict[str, Any] = field(hash=False)  # hash=False: keeps specs usable in sets
+    image: InputFile | None
+    reference_images: tuple[InputFile, ...]
+    item_key: str
+    num_outputs: int
+    tags: tuple[str, ...] = ()
+
+    @property
+    def input_files(self) -> tuple[InputFile, ...]:
+        """Every input file of the item: image first, then reference images."""
+        return ((self.image,) if self.image else ()) + self.reference_images
+
+    def request_body(self, manifest: Manifest, asset_ids: Mapping[str, str]) -> dict[str, Any]:
+        """The JSON body for POST /generate/custom/{model}; asset_ids maps sha256 -> asset id."""
+
+        def asset(file: InputFile) -> str:
+            try:
+                return asset_ids[file.sha256]
+            except KeyError:
+                raise KeyError(f"no uploaded asset id for {file.path} ({file.sha256})") from None
+
+        body = copy.deepcopy(self.params)
+        if self.prompt is not None:
+            body["prompt"] = self.prompt
+        body["seed"] = self.seed
+        if manifest.trained_model is not None:
+            body["modelId"] = manifest.trained_model
+        if self.image is not None:
+            body["image"] = asset(self.image)
+        if self.reference_images:
+            body["referenceImages"] = [asset(f) for f in self.reference_images]
+        return body
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest with its items expanded."""
+
+    name: str
+    model: str
+    trained_model: str | None
+    seed: int
+    params: dict[str, Any] = field(hash=False)
+    output: str
+    path: Path
+    sha256: str
+    text: str
+    items: tuple[ItemSpec, ...]
+    description: str | None = None
+    lines: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
+    _by_id: dict[str, ItemSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_id", {spec.id: spec for spec in self.items})
+
+    def item(self, item_id: str) -> ItemSpec:
+        """The item with this id; KeyError if there is none."""
+        try:
+            return self._by_id[item_id]
+        except KeyError:
+            raise KeyError(f"manifest {self.name!r} has no item {item_id!r}") from None
+
+    def output_key(self, item: ItemSpec, index: int, ext: str = "png") -> str:
+        """The storage key of one output of an item."""
+        if index < 0 or (index > 0 and not uses_index(self.output)):
+            raise ValueError(f"output index {index} is out of range for template {self.output!r}")
+        return render_key(
+            self.output,
+            manifest=self.name,
+            item=item.id,
+            index=index,
+            seed=item.seed,
+            item_key=item.item_key,
+            ext=ext,
+        )
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _ItemModel(_Strict):
+    id: str
+    prompt: str | None = None
+    seed: int | None = None
+    params: dict[str, Any] = {}
+    image: str | None = None
+    reference_images: list[str] = []
+    tags: list[str] = []
+
+
+class _ManifestModel(_Strict):
+    version: int | None = None
+    name: str
+    description: str | None = None
+    model: str
+    trained_model: str | None = None
+    seed: int
+    params: dict[str, Any] = {}
+    output: str = DEFAULT_TEMPLATE
+    items: list[_ItemModel]
+
+
+def expected_outputs(model: str, params: Mapping[str, Any]) -> int:
+    """How many outputs one request makes (the slicer makes one per cell)."""
+    if model == "model_scenario-image-slicer":
+        x, y = params.get("xSubdivisions", 2), params.get("ySubdivisions", 2)
+        return max(1, (x if _is_int(x) else 2) * (y if _is_int(y) else 2))
+    n = params.get("numOutputs", 1)
+    return max(1, n) if _is_int(n) else 1
+
+
+def merge_params(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Item params over manifest params, shallowly; a null value removes the key."""
+    merged = {**base, **override}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Load and validate a manifest file; ManifestError lists every problem."""
+    return _Loader(Path(path)).load()
+
+
+def validate_files(paths: Iterable[str | Path]) -> list[str]:
+    """Return every problem of every manifest file (empty when all are valid)."""
+    problems: list[str] = []
+    names: dict[str, Path] = {}
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        try:
+            manifest = load_manifest(path)
+        except ManifestError as exc:
+            problems.extend(exc.problems)
+            continue
+        if manifest.path in seen:
+            continue
+        seen.add(manifest.path)
+        other = names.setdefault(manifest.name, path)
+        if other != path:
+            line = manifest.lines.get("name", 1)
+            problems.append(
+                f"{path}:{line}: name: manifest name {manifest.name!r} is also used by {other}"
+            )
+    return problems
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"a string ({shown!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why a param value cannot be sent as JSON, or None."""
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if value == value and abs(value) != float("inf") else "must be a finite number"
+    if isinstance(value, list):
+        return next((p for p in map(_json_problem, value) if p), None)
+    if isinstance(value, dict):
+        return next((p for p in map(_json_problem, value.values()) if p), None)
+    return f"is not a JSON value ({_describe(value)}); quote it if it is text"
+
+
+class _YamlProblem(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+class _Loader:
+    """One load: the YAML tree with a line for every key, then the checks."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: dict[Loc, int] = {(): 1}
+        self.problems: list[tuple[int, str, str]] = []  # (line, field, message)
+        self.data: Any = None
+        self.files: dict[Path, InputFile | str] = {}
+
+    # -- reporting ---------------------------------------------------------------
+    def line_of(self, loc: Loc) -> int:
+        while loc not in self.lines:
+            loc = loc[:-1]
+        return self.lines[loc]
+
+    def field_of(self, loc: Loc) -> str:
+        text, node = "", self.data
+        for part in loc:
+            if isinstance(node, list) and isinstance(part, int):
+                text += f"[{part}]"
+                node = node[part] if 0 <= part < len(node) else None
+            else:
+                text += f".{part}" if text else str(part)
+                node = node.get(part) if isinstance(node, dict) else None
+        return text or "<manifest>"
+
+    def add(self, loc: Loc, message: str) -> None:
+        self.problems.append((self.line_of(loc), self.field_of(loc), message))
+
+    def fail(self) -> ManifestError:
+        # Sorted by position; problems on one field keep the order they were found in.
+        unique = sorted(dict.fromkeys(self.problems), key=lambda p: (p[0], p[1]))
+        return ManifestError([f"{self.path}:{line}: {fld}: {msg}" for line, fld, msg in unique])
+
+    # -- loading -------------------------------------------------------------------
+    def load(self) -> Manifest:
+        try:
+            raw = self.path.read_bytes()
+            text = raw.decode("utf-8")
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ManifestError([f"{self.path}:1: <file>: cannot read: {reason}"]) from None
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise ManifestError([f"{self.path}:{line}: <file>: not UTF-8 text"]) from None
+        try:
+            self.data = self.compose(text)
+        except _YamlProblem as exc:
+            raise ManifestError([f"{self.path}:{exc.line}: <yaml>: {exc.message}"]) from None
+        if not isinstance(self.data, dict):
+            found = "an empty file" if self.data is None else _describe(self.data)
+            self.problems.append((1, "<manifest>", f"expected a mapping of fields, got {found}"))
+            raise self.fail()
+        model = self.validate_types()
+        self.check_values()
+        if self.problems or model is None:
+            raise self.fail()
+        manifest = self.expand(model, raw, text)
+        if self.problems:
+            raise self.fail()
+        return manifest
+
+    def compose(self, text: str) -> Any:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            return None if node is None else self.build(loader, node, (), set())
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            message = exc.problem or exc.context or "invalid YAML"
+            if exc.context and exc.context_mark and exc.problem:
+                message += f" ({exc.context} at line {exc.context_mark.line + 1})"
+            raise _YamlProblem(mark.line + 1 if mark else 1, message) from None
+        except yaml.YAMLError as exc:
+            raise _YamlProblem(1, str(exc)) from None
+        finally:
+            loader.dispose()
+
+    def build(self, loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, stack: set[int]) -> Any:
+        """Construct a node like SafeLoader does, recording the line of every key."""
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.ScalarNode):
+            return loader.construct_object(node, deep=True)
+        if id(node) in stack:
+            raise _YamlProblem(line, "recursive alias")
+        stack = stack | {id(node)}
+        if isinstance(node, yaml.SequenceNode) and node.tag == "tag:yaml.org,2002:seq":
+            items = []
+            for i, child in enumerate(node.value):
+                self.lines[(*loc, i)] = child.start_mark.line + 1
+                items.append(self.build(loader, child, (*loc, i), stack))
+            return items
+        if isinstance(node, yaml.MappingNode) and node.tag == "tag:yaml.org,2002:map":
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                # Duplicates among the node's own keys; merged (<<) keys may be overridden.
+                if (
+                    isinstance(key_node, yaml.ScalarNode)
+                    and key_node.tag != "tag:yaml.org,2002:merge"
+                ):
+                    key, key_line = key_node.value, key_node.start_mark.line + 1
+                    if key in first:
+                        message = f"duplicate key (first given at line {first[key]})"
+                        self.problems.append((key_line, self.path_text(loc, key), message))
+                    first.setdefault(key, key_line)
+            loader.flatten_mapping(node)
+            result: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key_line = key_node.start_mark.line + 1
+                key = self.build(loader, key_node, (*loc, "<key>"), stack)
+                if not isinstance(key, str):
+                    message = f"keys must be strings, got {_describe(key)}; quote it"
+                    self.problems.append((key_line, self.path_text(loc, str(key)), message))
+                    continue
+                self.lines[(*loc, key)] = key_line
+                result[key] = self.build(loader, value_node, (*loc, key), stack)
+            return result
+        raise _YamlProblem(line, f"unsupported YAML tag {node.tag}")
+
+    def path_text(self, loc: Loc, key: str) -> str:
+        prefix = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        return f"{prefix}.{key}" if prefix else key
+
+    # -- checks --------------------------------------------------------------------
+    def validate_types(self) -> _ManifestModel | None:
+        try:
+            return _ManifestModel.model_validate(self.data)
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                loc = tuple(p for p in err["loc"] if p != "[key]")
+                self.add(loc, self.type_message(err["type"], loc, err.get("input"), err["msg"]))
+            return None
+
+    def type_message(self, kind: str, loc: Loc, value: Any, default: str) -> str:
+        if kind == "missing":
+            return "required field is missing"
+        if kind == "extra_forbidden":
+            known = _ItemModel.model_fields if len(loc) == 3 else _ManifestModel.model_fields
+            return "unknown field" + _suggest(str(loc[-1]), list(known))
+        expected = {
+            "int_type": "an integer",
+            "string_type": "a string",
+            "dict_type": "a mapping",
+            "model_type": "a mapping",
+            "list_type": "a list",
+        }.get(kind)
+        if expected:
+            return f"expected {expected}, got {_describe(value)}"
+        return default
+
+    def check_values(self) -> None:
+        d = self.data
+        if _is_int(d.get("version")) and d["version"] != 1:
+            self.add(("version",), f"unsupported version {d['version']}; this pipeline reads 1")
+        if isinstance(d.get("name"), str) and not SLUG.fullmatch(d["name"]):
+            self.add(("name",), SLUG_RULE)
+        for key in ("model", "trained_model"):
+            if isinstance(d.get(key), str) and not MODEL_ID.fullmatch(d[key]):
+                self.add((key,), f"not a model id: {d[key]!r}")
+        self.check_seed(("seed",), d.get("seed"))
+        self.check_params(("params",), d.get("params"))
+        items = d.get("items")
+        if not isinstance(items, list):
+            items = []
+        elif not items:
+            self.add(("items",), "must list at least one item")
+        model = d.get("model")
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                continue
+            at: Loc = ("items", i)
+            item_id = item.get("id")
+            if isinstance(item_id, str):
+                if not SLUG.fullmatch(item_id):
+                    self.add((*at, "id"), SLUG_RULE)
+                elif item_id in seen:
+                    self.add(
+                        (*at, "id"),
+                        f"duplicate item id {item_id!r} (first defined at line {seen[item_id]})",
+                    )
+                seen.setdefault(item_id, self.line_of((*at, "id")))
+            prompt = item.get("prompt")
+            if isinstance(prompt, str) and not prompt.strip():
+                self.add((*at, "prompt"), "is empty")
+            if model in TOOL_MODELS:
+                if item.get("image") is None:
+                    self.add(
+                        (*at, "image"), f"required field is missing: {model} needs an input image"
+                    )
+            elif isinstance(model, str) and prompt is None:
+                self.add((*at, "prompt"), "required field is missing")
+            self.check_seed((*at, "seed"), item.get("seed"))
+            self.check_params((*at, "params"), item.get("params"))
+            self.check_files(at, item)
+        self.check_output(d, items)
+
+    def check_seed(self, loc: Loc, seed: Any) -> None:
+        if _is_int(seed) and not 0 <= seed <= MAX_SEED:
+            self.add(loc, f"must be between 0 and {MAX_SEED}, got {seed}")
+
+    def check_params(self, loc: Loc, params: Any) -> None:
+        if not isinstance(params, dict):
+            return
+        for key, value in params.items():
+            if key in RESERVED_PARAMS:
+                self.add(
+                    (*loc, key),
+                    f"{key!r} is set by the pipeline; use the `{RESERVED_PARAMS[key]}` field",
+                )
+            elif key == "numOutputs" and value is not None:
+                if not _is_int(value):
+                    self.add((*loc, key), f"expected an integer, got {_describe(value)}")
+                elif not 1 <= value <= MAX_OUTPUTS:
+                    self.add((*loc, key), f"must be between 1 and {MAX_OUTPUTS}, got {value}")
+            elif problem := _json_problem(value):
+                self.add((*loc, key), problem)
+
+    def check_files(self, at: Loc, item: dict[str, Any]) -> None:
+        if isinstance(item.get("image"), str):
+            self.input_file((*at, "image"), item["image"])
+        refs = item.get("reference_images")
+        if isinstance(refs, list):
+            for j, ref in enumerate(refs):
+                if isinstance(ref, str):
+                    self.input_file((*at, "reference_images", j), ref)
+
+    def input_file(self, loc: Loc, value: str) -> InputFile | None:
+        """Hash a local input file once; report it at loc if unusable."""
+        if not value.strip():
+            self.add(loc, "is empty")
+            return None
+        path = (self.path.parent / value).resolve()
+        if path not in self.files:
+            self.files[path] = _read_input(path)
+        found = self.files[path]
+        if isinstance(found, str):
+            self.add(loc, f"{value}: {found}")
+            return None
+        return found
+
+    def check_output(self, d: dict[str, Any], items: list[Any]) -> None:
+        output = d.get("output", DEFAULT_TEMPLATE)
+        if not isinstance(output, str):
+            return
+        params = d.get("params")
+        base: dict[str, Any] = params if isinstance(params, dict) else {}
+        most = expected_outputs(str(d.get("model")), base)
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("params"), dict):
+                merged = merge_params(base, item["params"])
+                most = max(most, expected_outputs(str(d.get("model")), merged))
+        for problem in validate_template(output, max_outputs=most):
+            self.add(("output",), problem)
+
+    # -- expansion -----------------------------------------------------------------
+    def expand(self, m: _ManifestModel, raw: bytes, text: str) -> Manifest:
+        specs = []
+        for i, item in enumerate(m.items):
+            params = merge_params(m.params, item.params)
+            prompt = item.prompt.strip() if item.prompt is not None else None
+            seed = m.seed if item.seed is None else item.seed
+            image = self.input_file(("items", i, "image"), item.image) if item.image else None
+            refs = tuple(
+                f
+                for j, ref in enumerate(item.reference_images)
+                if (f := self.input_file(("items", i, "reference_images", j), ref))
+            )
+            hashes = [("image", image.sha256)] if image else []
+            hashes += [(f"referenceImages[{j}]", f.sha256) for j, f in enumerate(refs)]
+            key = compute_item_key(
+                model=m.model,
+                trained_model=m.trained_model,
+                seed=seed,
+                params=params,
+                prompt=prompt,
+                input_hashes=hashes,
+            )
+            specs.append(
+                ItemSpec(
+                    id=item.id,
+                    line=self.line_of(("items", i)),
+                    prompt=prompt,
+                    seed=seed,
+                    params=params,
+                    image=image,
+                    reference_images=refs,
+                    item_key=key,
+                    num_outputs=expected_outputs(m.model, params),
+                    tags=tuple(item.tags),
+                )
+            )
+        manifest = Manifest(
+            name=m.name,
+            model=m.model,
+            trained_model=m.trained_model,
+            seed=m.seed,
+            params=merge_params(m.params, {}),
+            output=m.output,
+            path=self.path.resolve(),
+            sha256=hashlib.sha256(raw).hexdigest(),
+            text=text,
+            items=tuple(specs),
+            description=m.description,
+            lines={self.field_of(loc): line for loc, line in self.lines.items() if loc},
+        )
+        self.check_collisions(manifest)
+        return manifest
+
+    def check_collisions(self, manifest: Manifest) -> None:
+        """Two different outputs must never share a storage key."""
+        rendered = (
+            (spec.item_key, manifest.output_key(spec, index))
+            for spec in manifest.items
+            for index in range(spec.num_outputs)
+        )
+        owners = {spec.item_key: spec.id for spec in manifest.items}
+        for key, first, second in find_key_collisions(rendered):
+            self.add(
+                ("output",),
+                f"items {owners[first]!r} and {owners[second]!r} both write to {key!r}",
+            )
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    """A hint for an unknown field: the likely intended one, or the allowed ones."""
+    if key in RESERVED_PARAMS and RESERVED_PARAMS[key] in known:
+        return f" (did you mean {RESERVED_PARAMS[key]!r}?)"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    if key in _COMMON_INPUTS:
+        return " (model inputs go under 'params')"
+    return f"; allowed: {', '.join(known)}"
+
+
+def _read_input(path: Path) -> InputFile | str:
+    """An InputFile for a local image, or why it cannot be used."""
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                head = head or chunk[:16]
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        return "file not found"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    if size == 0:
+        return "file is empty"
+    mime = next((m for magic, m in _MAGIC if head.startswith(magic)), None)
+    if mime is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        mime = "image/webp"
+    if mime is None:
+        return "not a PNG, JPEG or WebP image"
+    return InputFile(path=path, sha256=digest.hexdigest(), size=size, mime_type=mime)
+
+
+__all__ = [
+    "MAX_OUTPUTS",
+    "RESERVED_PARAMS",
+    "TOOL_MODELS",
+    "InputFile",
+    "ItemSpec",
+    "Manifest",
+    "ManifestError",
+    "expected_outputs",
+    "load_manifest",
+    "merge_params",
+    "validate_files",
+]
