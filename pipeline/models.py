@@ -1,0 +1,308 @@
+"""The lineage schema: SQLAlchemy 2 models. Alembic (migrations/) owns the real schema.
+
+    manifests ─< runs ─< items ─< jobs ─< assets ─< objects
+                           └──< item_inputs >── assets (uploaded inputs, linked as parents)
+
+Every row that a worker advances has an explicit status (an Enum) and the timestamps the
+sweeper schedules by (`next_attempt_at`, `next_poll_at`, `lease_until`). The broker only
+carries ids: everything needed to resume lives here.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores aware datetimes as UTC and always returns aware ones (SQLite drops tzinfo)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class RunStatus(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class ItemStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for a parallel-job slot (or for next_attempt_at)
+    SUBMITTING = "submitting"  # handed to a submit task; the job intent may exist
+    RUNNING = "running"  # a Scenario job is in flight
+    COLLECTING = "collecting"  # the job succeeded; outputs are being stored
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    SKIPPED = "skipped"  # identical item_key already stored: nothing submitted
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_ITEM_STATUSES
+
+
+FINAL_ITEM_STATUSES = frozenset(
+    {ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELED, ItemStatus.SKIPPED}
+)
+IN_FLIGHT_ITEM_STATUSES = frozenset({ItemStatus.SUBMITTING, ItemStatus.RUNNING})
+
+
+class JobState(enum.StrEnum):
+    """A job row's state: Scenario's eight statuses plus the local intent."""
+
+    INTENT = "intent"  # recorded before the POST; no Scenario job id yet
+    REJECTED = "rejected"  # the POST was refused (4xx/429): nothing was created or billed
+    PENDING = "pending"
+    QUEUED = "queued"
+    WARMING_UP = "warming-up"
+    IN_PROGRESS = "in-progress"
+    FINALIZING = "finalizing"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCESS, JobState.FAILURE, JobState.CANCELED, JobState.REJECTED)
+
+
+class AssetRole(enum.StrEnum):
+    OUTPUT = "output"
+    INPUT = "input"
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint-free VARCHAR: adding a status later
+    # must not need an ALTER TYPE on PostgreSQL.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class ManifestRow(Base):
+    __tablename__ = "manifests"
+    __table_args__ = (UniqueConstraint("name", "sha256", name="uq_manifests_name_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    manifest_id: Mapped[int] = mapped_column(ForeignKey("manifests.id"), index=True)
+    parent_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"))
+    trigger: Mapped[str] = mapped_column(String(20))  # run | retry
+    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), index=True)
+    force: Mapped[bool] = mapped_column(default=False)
+    sandbox: Mapped[bool] = mapped_column(default=False)
+    git_sha: Mapped[str | None] = mapped_column(String(40))
+    api_host: Mapped[str | None] = mapped_column(String(200))
+    storage_url: Mapped[str] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    deadline_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    manifest: Mapped[ManifestRow] = relationship()
+    items: Mapped[list[ItemRow]] = relationship(back_populates="run", order_by="ItemRow.id")
+
+
+class ItemRow(Base):
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("run_id", "manifest_item_id", name="uq_items_run_id_item"),
+        Index("ix_items_status_next_attempt", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    manifest_item_id: Mapped[str] = mapped_column(String(200))
+    line: Mapped[int] = mapped_column(default=0)
+    item_key: Mapped[str] = mapped_column(String(64), index=True)
+    prompt: Mapped[str | None] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(200))
+    trained_model: Mapped[str | None] = mapped_column(String(200))
+    params: Mapped[dict[str, Any]] = mapped_column()
+    # The request body without input asset ids; those are filled in at submit time.
+    body: Mapped[dict[str, Any]] = mapped_column()
+    num_outputs: Mapped[int] = mapped_column(default=1)
+    output_template: Mapped[str] = mapped_column(Text)
+    status: Mapped[ItemStatus] = mapped_column(_enum(ItemStatus, "item_status"), index=True)
+    attempts: Mapped[int] = mapped_column(default=0)  # Scenario jobs submitted
+    max_attempts: Mapped[int] = mapped_column(default=2)
+    dispatches: Mapped[int] = mapped_column(default=0)  # tasks handed out (poison guard)
+    error: Mapped[str | None] = mapped_column(Text)
+    hint: Mapped[str | None] = mapped_column(Text)
+    skipped_from_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"))
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    run: Mapped[RunRow] = relationship(back_populates="items")
+    jobs: Mapped[list[JobRow]] = relationship(back_populates="item", order_by="JobRow.id")
+    objects: Mapped[list[ObjectRow]] = relationship(
+        back_populates="item", order_by="ObjectRow.output_index"
+    )
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("item_id", "attempt", name="uq_jobs_item_id_attempt"),
+        Index("ix_jobs_state_next_poll", "state", "next_poll_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    attempt: Mapped[int] = mapped_column()
+    scenario_job_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    model: Mapped[str] = mapped_column(String(200))
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    cost_cu: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    hint: Mapped[str | None] = mapped_column(Text)
+    asset_ids: Mapped[dict[str, Any] | None] = mapped_column()  # {"ids": [...]} on success
+    polls: Mapped[int] = mapped_column(default=0)
+    intent_at: Mapped[datetime] = mapped_column(default=utcnow)
+    accepted_at: Mapped[datetime | None] = mapped_column()  # our clock, POST answered
+    remote_created_at: Mapped[datetime | None] = mapped_column()
+    remote_updated_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    next_poll_at: Mapped[datetime | None] = mapped_column()
+    last_polled_at: Mapped[datetime | None] = mapped_column()
+
+    item: Mapped[ItemRow] = relationship(back_populates="jobs")
+
+
+class AssetRow(Base):
+    __tablename__ = "assets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scenario_asset_id: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[AssetRole] = mapped_column(_enum(AssetRole, "asset_role"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    output_index: Mapped[int | None] = mapped_column()
+    # Inputs are deduplicated by content: the same file is uploaded once per API host.
+    content_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    api_host: Mapped[str | None] = mapped_column(String(200))
+    source_host: Mapped[str | None] = mapped_column(String(200))  # CDN host, never the signed URL
+    mime_type: Mapped[str | None] = mapped_column(String(100))
+    width: Mapped[int | None] = mapped_column()
+    height: Mapped[int | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ItemInputRow(Base):
+    __tablename__ = "item_inputs"
+
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(40), primary_key=True)  # image | referenceImages[0]
+    asset_id: Mapped[int | None] = mapped_column(ForeignKey("assets.id"))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class ObjectRow(Base):
+    __tablename__ = "objects"
+    __table_args__ = (UniqueConstraint("item_id", "output_index", name="uq_objects_item_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    asset_id: Mapped[int] = mapped_column(ForeignKey("assets.id"), index=True)
+    output_index: Mapped[int] = mapped_column()
+    uri: Mapped[str] = mapped_column(Text, index=True)
+    key: Mapped[str] = mapped_column(Text, index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(100))
+    public_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    item: Mapped[ItemRow] = relationship(back_populates="objects")
+    asset: Mapped[AssetRow] = relationship()
+
+
+class LeaseRow(Base):
+    """Named leases: at most one live holder per name (the sweeper's lock)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(100))
+    expires_at: Mapped[datetime | None] = mapped_column()
+
+
+class CursorRow(Base):
+    """Small named cursors that survive restarts (the jobs-list watermark)."""
+
+    __tablename__ = "cursors"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
