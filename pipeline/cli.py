@@ -1,0 +1,544 @@
+"""The `pipeline` command: validate, run, status, retry, lineage, worker, sandbox, db.
+
+Exit codes (interface.md): 0 success; 1 a failed or canceled item (or not found);
+2 invalid input or configuration; 4 a required service could not be reached.
+`--json` prints exactly one JSON document on stdout; logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import typer
+from pydantic import SecretStr, ValidationError
+from rich.console import Console
+
+from pipeline import db
+from pipeline.errors import (
+    AuthError,
+    ConfigError,
+    ManifestError,
+    PipelineError,
+    ServiceUnavailable,
+    TransientError,
+)
+from pipeline.settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 4
+
+app = typer.Typer(
+    name="pipeline",
+    help="Batch asset pipeline for the Scenario API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Lineage database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+logger = logging.getLogger("pipeline")
+
+
+class Exit(Exception):
+    """Leave the CLI with a code after printing one clear line."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message or "")
+        self.code = code
+        self.message = message
+
+
+def main() -> None:
+    """Console-script entry point: one line per error, no tracebacks for known failures."""
+    try:
+        app()
+    except Exit as exc:
+        if exc.message:
+            err.print(exc.message, markup=False)
+        sys.exit(exc.code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Map the pipeline's exceptions to exit codes and one-line messages."""
+    try:
+        yield
+    except Exit:
+        raise
+    except ManifestError as exc:
+        raise Exit(EXIT_INVALID, "\n".join(exc.problems)) from None
+    except AuthError as exc:
+        raise Exit(
+            EXIT_INVALID,
+            f"error: Scenario refused the credentials: {exc}. "
+            "Check SCENARIO_API_KEY and SCENARIO_API_SECRET.",
+        ) from None
+    except ConfigError as exc:
+        raise Exit(EXIT_INVALID, f"error: {exc}") from None
+    except ServiceUnavailable as exc:
+        raise Exit(EXIT_UNAVAILABLE, f"error: {exc}") from None
+    except TransientError as exc:
+        raise Exit(EXIT_UNAVAILABLE, f"error: {exc}") from None
+    except PipelineError as exc:
+        raise Exit(EXIT_INVALID, f"error: {exc}") from None
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"])
+        raise Exit(EXIT_INVALID, f"error: invalid setting {name}: {first['msg']}") from None
+    return settings.model_copy(update=overrides) if overrides else settings
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "celery", "kombu"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- validate ----------------------------------------------------------------------------
+
+
+@app.command()
+def validate(files: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
+    """Check manifests offline; print each problem as file:line: field: message."""
+    from pipeline.manifest import validate_files
+
+    problems = validate_files(files)
+    if problems:
+        raise Exit(EXIT_INVALID, "\n".join(problems))
+    for path in files:
+        err.print(f"{path}: ok", markup=False)
+
+
+# -- run ---------------------------------------------------------------------------------
+
+
+def _parse_duration(text: str | None) -> timedelta | None:
+    if not text:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise Exit(EXIT_INVALID, f"error: --deadline: expected e.g. 90s, 30m, 6h, got {text!r}")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+def _git_sha(path: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path.parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+@app.command()
+def run(
+    manifest_file: Path = typer.Argument(..., metavar="FILE", help="The manifest to run."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until every item is final."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    sandbox: bool = typer.Option(
+        False, "--sandbox", help="Run against a local Scenario sandbox (no credentials)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Regenerate items already stored."),
+    deadline: str | None = typer.Option(
+        None, "--deadline", help="Cancel what is left after this long (e.g. 30m, 6h)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate against the API and print the cost; run nothing."
+    ),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress details."),
+) -> None:
+    """Record a run of a manifest and process its items; prints the run id."""
+    _setup_logging(verbose)
+    from pipeline.executor import Executor
+    from pipeline.manifest import load_manifest
+
+    with _errors(), ExitStack() as stack:
+        deadline_delta = _parse_duration(deadline)
+        manifest = load_manifest(manifest_file)  # before any service is touched
+        settings = _settings()
+        if sandbox:
+            settings = _start_sandbox(stack, settings)
+        executor = stack.enter_context(Executor(settings, sandbox=sandbox))
+        if dry_run:
+            _print_cost(executor.dry_run(manifest), as_json)
+            return
+        run_id = executor.start_run(
+            manifest, force=force, deadline=deadline_delta, git_sha=_git_sha(manifest.path)
+        )
+        err.print(f"run {run_id} recorded ({len(manifest.items)} items)", markup=False)
+        _finish(executor, run_id, wait, as_json, stack)
+
+
+def _finish(executor: Any, run_id: str, wait: bool, as_json: bool, stack: ExitStack) -> None:
+    if not executor.embedded and not wait:
+        executor.kick()
+        if as_json:
+            _print_json(executor.report(run_id))
+        else:
+            typer.echo(run_id)
+        return
+    if not wait and executor.embedded:
+        err.print("embedded mode: processing in this process until the run is done", markup=False)
+    executor.start_processing(stack)
+    report = _wait_for(executor, run_id, show=wait)
+    if as_json:
+        _print_json(report)
+    else:
+        _print_summary(report)
+    raise Exit(_exit_code(report))
+
+
+def _exit_code(report: dict[str, Any]) -> int:
+    return EXIT_OK if report["status"] == "succeeded" else EXIT_FAILED
+
+
+def _start_sandbox(stack: ExitStack, settings: Settings) -> Settings:
+    from pipeline.sandbox import Sandbox, SandboxConfig
+
+    sb = stack.enter_context(Sandbox(SandboxConfig()))
+    err.print(f"sandbox: serving the Scenario API at {sb.url}", markup=False)
+    return settings.model_copy(
+        update={
+            "api_url": sb.url,
+            "api_key": SecretStr("sandbox"),
+            "api_secret": SecretStr("sandbox"),
+        }
+    )
+
+
+def _wait_for(executor: Any, run_id: str, *, show: bool) -> dict[str, Any]:
+    """Block until the run is final, showing progress on stderr."""
+    if show and err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+        )
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task(run_id, total=None, detail="")
+
+            def show_progress(counts: dict[str, int]) -> None:
+                total = sum(counts.values())
+                done = sum(counts.get(k, 0) for k in ("succeeded", "failed", "skipped", "canceled"))
+                bar.update(task, total=total, completed=done, detail=_detail(counts))
+
+            return executor.wait(run_id, on_progress=show_progress)
+    last: list[str] = [""]
+    last_at = [0.0]
+
+    def plain(counts: dict[str, int]) -> None:
+        line = _detail(counts)
+        if show and (line != last[0] and time.monotonic() - last_at[0] > 2.0):
+            err.print(f"{run_id}: {line}", markup=False)
+            last[0], last_at[0] = line, time.monotonic()
+
+    report = executor.wait(run_id, on_progress=plain)
+    if show:
+        err.print(f"{run_id}: {_detail(executor.progress(run_id))}", markup=False)
+    return report
+
+
+def _detail(counts: dict[str, int]) -> str:
+    in_flight = sum(counts.get(k, 0) for k in ("submitting", "running", "collecting"))
+    return (
+        f"done {counts.get('succeeded', 0) + counts.get('skipped', 0)}"
+        f" (skipped {counts.get('skipped', 0)})"
+        f" · failed {counts.get('failed', 0) + counts.get('canceled', 0)}"
+        f" · in flight {in_flight} · waiting {counts.get('pending', 0)}"
+    )
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=None, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    table = Table(title=f"{report['run_id']} · {report['manifest']['name']} · {report['status']}")
+    for col in ("item", "status", "attempts", "outputs", "error"):
+        table.add_column(col, overflow="fold")
+    for item in report["items"]:
+        outputs = "\n".join(o["uri"] for o in item["outputs"])
+        table.add_row(
+            item["id"], item["status"], str(item["attempts"]), outputs, item["error"] or ""
+        )
+    out.print(table)
+    c = report["counts"]
+    out.print(
+        f"{c['succeeded']} succeeded, {c['skipped']} skipped, {c['failed']} failed, "
+        f"{c.get('canceled', 0)} canceled of {c['total']} · {report['creative_units']} CU",
+        markup=False,
+    )
+    if report.get("gallery"):
+        out.print(f"gallery: {report['gallery']}", markup=False)
+
+
+def _print_cost(cost: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(cost)
+    else:
+        typer.echo(f"{cost['items']} items would cost {cost['creative_units']} creative units")
+
+
+# -- status / retry / lineage ------------------------------------------------------------
+
+
+@contextmanager
+def _repository() -> Iterator[Any]:
+    from pipeline.repository import Repository
+
+    with _errors():
+        settings = _settings()
+        engine = db.make_engine(settings.database_url)
+        db.check(engine)
+        if db.current_revision(engine) is None:
+            raise Exit(EXIT_FAILED, "no runs recorded yet (the lineage database is empty)")
+        try:
+            yield Repository(engine)
+        finally:
+            engine.dispose()
+
+
+@app.command()
+def status(
+    run_id: str | None = typer.Argument(None, help="A run id (default: the latest run)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Show a run (default: the latest) with the state of each item."""
+    with _repository() as repo:
+        run_id = run_id or repo.latest_run_id()
+        report = repo.run_report(run_id) if run_id else None
+        if report is None:
+            raise Exit(EXIT_FAILED, f"no run {run_id}" if run_id else "no runs recorded yet")
+    if as_json:
+        _print_json(report)
+    else:
+        _print_summary(report)
+
+
+@app.command()
+def retry(
+    run_id: str = typer.Argument(..., help="The run whose failed or canceled items to re-run."),
+    item: list[str] = typer.Option([], "--item", help="Only these item ids (repeatable)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until every item is final."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    sandbox: bool = typer.Option(False, "--sandbox", help="Use a local Scenario sandbox."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Re-run a run's failed or canceled items (all, or the ones named) as new attempts."""
+    _setup_logging(verbose)
+    from pipeline.executor import Executor
+
+    with _errors(), ExitStack() as stack:
+        settings = _settings()
+        if sandbox:
+            settings = _start_sandbox(stack, settings)
+        executor = stack.enter_context(Executor(settings, sandbox=sandbox))
+        reopened = executor.reopen(run_id, item)
+        err.print(f"run {run_id}: retrying {len(reopened)} item(s)", markup=False)
+        _finish(executor, run_id, wait, as_json, stack)
+
+
+@app.command()
+def lineage(
+    ref: str = typer.Argument(..., help="A storage key or URI, sha256, asset id or job id."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Trace a stored file back to its run, manifest, item, seed, model, job and asset."""
+    from pipeline.storage import open_storage
+
+    with _repository() as repo:
+        settings = _settings()
+        candidates: list[str] = []
+        path = Path(ref)
+        if path.exists():  # a local file: match it by its file:// URI
+            candidates.append(path.resolve().as_uri())
+        try:
+            storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+            for uri in [ref, *candidates]:
+                key = storage.key_from_uri(uri)
+                if key:
+                    candidates.append(key)
+        except PipelineError:
+            pass
+        docs = repo.lineage(ref, candidates)
+    if as_json:
+        _print_json({"ref": ref, "found": len(docs), "matches": docs})
+    elif docs:
+        for doc in docs:
+            _print_lineage(doc)
+    if not docs:
+        raise Exit(EXIT_FAILED, None if as_json else f"{ref}: not found in the lineage database")
+
+
+def _print_lineage(doc: dict[str, Any]) -> None:
+    out = Console(highlight=False)
+    o, it, job, asset = doc["object"], doc["item"], doc["job"], doc["asset"]
+    lines = [
+        f"[bold]{o['uri']}[/bold]",
+        f"  sha256     {o['sha256']}  ({o['bytes']} bytes)",
+        f"  run        {doc['run']['id']} ({doc['run']['status']}, {doc['run']['created_at']})",
+        f"  manifest   {doc['manifest']['name']}  {doc['manifest']['path']}"
+        f"  sha256 {doc['manifest']['sha256'][:12]}",
+        f"  item       {it['id']} (line {it['line']})  item_key {it['item_key'][:16]}",
+        f"  prompt     {it['prompt']}",
+        f"  seed       {it['seed']}",
+        f"  model      {it['model']}"
+        + (f"  trained {it['trained_model']}" if it["trained_model"] else ""),
+        f"  params     {json.dumps(it['params'], sort_keys=True)}",
+        f"  job        {job['id']} (attempt {job['attempt']}, {job['creative_units']} CU)",
+        f"  asset      {asset['id']} (output {asset['index']}, {asset['width']}x{asset['height']})",
+    ]
+    lines += [f"  input      {i['role']}: {i['path']} -> {i['asset_id']}" for i in doc["inputs"]]
+    if o.get("public_url"):
+        lines.append(f"  public     {o['public_url']}")
+    for line in lines:
+        out.print(line)
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def worker(
+    ctx: typer.Context,
+    sweeper: bool = typer.Option(
+        True, "--sweeper/--no-sweeper", help="Also take part in sweeping (one is active)."
+    ),
+) -> None:
+    """A Celery worker on PIPELINE_BROKER_URL; extra arguments go to `celery worker`."""
+    _setup_logging(False)
+    from pipeline import runtime
+    from pipeline.celery_app import app as celery
+
+    with _errors():
+        settings = _settings()
+        if not settings.distributed:
+            raise Exit(
+                EXIT_INVALID,
+                "error: `pipeline worker` needs a real broker: set PIPELINE_BROKER_URL=redis://...",
+            )
+        runtime.configure_runtime(settings)
+        runtime.check_broker(settings.broker_url)
+        runtime.credentials(settings)
+        _prepare_database(settings)
+    argv = ["worker", "--loglevel=INFO", "-Q", "pipeline"]
+    extra = list(ctx.args)
+    if not any(a.startswith(("--pool", "-P")) for a in extra):
+        argv.append("--pool=threads")  # I/O-bound tasks; no fork with a live sweeper thread
+    if not any(a.startswith(("--concurrency", "-c")) for a in extra):
+        argv.append(f"--concurrency={settings.worker_concurrency}")
+    loop = None
+    if sweeper:
+        from pipeline.stages import Sweeper
+
+        loop = Sweeper(runtime.context(), settings.api_url).start()
+    try:
+        celery.worker_main(argv + extra)
+    finally:
+        if loop is not None:
+            loop.stop()
+
+
+@app.command()
+def poller() -> None:
+    """Run only the sweeper (polls jobs, dispatches work); any number may run, one is active."""
+    _setup_logging(True)
+    from pipeline import runtime
+    from pipeline.stages import Sweeper
+
+    with _errors():
+        settings = _settings()
+        runtime.configure_runtime(settings)
+        runtime.credentials(settings)
+        _prepare_database(settings)
+        loop = Sweeper(runtime.context(), settings.api_url)
+    err.print("poller: sweeping (Ctrl-C to stop)", markup=False)
+    try:
+        loop.run()
+    except KeyboardInterrupt:
+        loop.stop()
+
+
+def _prepare_database(settings: Settings) -> None:
+    engine = db.make_engine(settings.database_url)
+    try:
+        db.check(engine)
+        if engine.dialect.name == "sqlite":
+            db.upgrade(settings.database_url)
+        elif db.current_revision(engine) != db.head_revision():
+            raise ConfigError(
+                f"the database {db.safe_url(settings.database_url)} is not at the latest "
+                "schema: run `pipeline db upgrade`"
+            )
+    finally:
+        engine.dispose()
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Upgrade the lineage database schema (Alembic) to head."""
+    with _errors():
+        settings = _settings()
+        db.check(db.make_engine(settings.database_url))
+        db.upgrade(settings.database_url, revision)
+    err.print(f"database {db.safe_url(settings.database_url)} at {revision}", markup=False)
+
+
+def _register_sandbox() -> None:
+    try:
+        from pipeline.sandbox.command import sandbox_command
+    except ImportError:  # pragma: no cover - the sandbox ships with the package
+        return
+    app.command("sandbox", help="Serve the local Scenario-compatible API.")(sandbox_command)
+
+
+_register_sandbox()
+
+
+def _unused(*_: Callable[..., Any]) -> None:  # keep imports honest for type checkers
+    return None
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
