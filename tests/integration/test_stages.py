@@ -1,0 +1,251 @@
+"""The stages (submit, sweep, collect) on a real database and the sandbox, without Celery.
+
+A queue dispatcher stands in for the broker so each test can decide when a task runs,
+run it twice, or lose it, the way a broker does on a bad night.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import db
+from pipeline.keys import compute_item_key
+from pipeline.models import ItemStatus
+from pipeline.repository import NewItem, Repository
+from pipeline.sandbox import Sandbox, SandboxConfig
+from pipeline.scenario import ScenarioClient
+from pipeline.stages import Context, SweeperState, Tuning, collect_items, submit_item, sweep
+from pipeline.storage import open_storage
+
+MODEL = "model_test-image"
+
+
+@dataclass
+class QueueDispatcher:
+    submits: list[int] = field(default_factory=list)
+    collects: list[list[int]] = field(default_factory=list)
+
+    def submit(self, item_id: int) -> None:
+        self.submits.append(item_id)
+
+    def collect(self, item_ids: Sequence[int]) -> None:
+        self.collects.append(list(item_ids))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    url = (
+        f"sqlite:///{tmp_path / 'lineage.db'}"
+        if request.param == "sqlite"
+        else str(request.getfixturevalue("postgres_database"))
+    )
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(SandboxConfig(latency=0.2, seed=3)) as sb:
+        yield sb
+
+
+@pytest.fixture
+def ctx(database_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[Context]:
+    engine = db.make_engine(database_url)
+    client = ScenarioClient(sandbox.url, "sandbox", "sandbox", timeout=5)
+    context = Context(
+        repo=Repository(engine),
+        client=client,
+        storage=open_storage(f"file://{tmp_path / 'out'}"),
+        dispatch=QueueDispatcher(),
+        tuning=Tuning(
+            parallel_jobs=3, lease_seconds=1.0, list_interval=0.05, tick=0.05, resubmit_delay=0.0
+        ),
+        sleep=lambda _s: None,
+    )
+    yield context
+    client.close()
+    engine.dispose()
+
+
+def record(ctx: Context, prompts: list[str], outputs: int = 1) -> str:
+    items = []
+    for n, prompt in enumerate(prompts):
+        body = {"prompt": prompt, "seed": 100 + n, "numOutputs": outputs, "width": 64, "height": 64}
+        key = compute_item_key(
+            model=MODEL,
+            trained_model=None,
+            seed=100 + n,
+            params=body,
+            prompt=prompt,
+            input_hashes=[],
+        )
+        items.append(
+            NewItem(
+                manifest_item_id=f"item-{n}",
+                line=n + 1,
+                item_key=key,
+                prompt=prompt,
+                seed=100 + n,
+                model=MODEL,
+                trained_model=None,
+                params=body,
+                body=body,
+                num_outputs=outputs,
+                output_template="{manifest}/{item}/{index}.{ext}",
+            )
+        )
+    return ctx.repo.record_run(
+        manifest_name="stages",
+        manifest_path="/m.yaml",
+        manifest_sha256="0" * 64,
+        manifest_body="",
+        items=items,
+        storage_url=ctx.storage.url,
+        api_host="sandbox",
+    )
+
+
+def drain(
+    ctx: Context, state: SweeperState, *, timeout: float = 20.0, drop_submits: int = 0
+) -> Any:
+    """Run sweeps and the tasks they dispatch until every run is final."""
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, QueueDispatcher)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sweep(ctx, state)
+        while dispatcher.submits:
+            item_id = dispatcher.submits.pop(0)
+            if drop_submits:
+                drop_submits -= 1  # the broker lost this message
+                continue
+            submit_item(ctx, item_id)
+        while dispatcher.collects:
+            collect_items(ctx, dispatcher.collects.pop(0))
+        if not ctx.repo.running_run_ids():
+            return
+        time.sleep(0.03)
+    raise AssertionError("run did not finish")
+
+
+def test_items_flow_through_submit_poll_collect_within_the_parallel_cap(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    sandbox.configure(parallel_jobs=3)  # the API would 429 a fourth concurrent job
+    run_id = record(ctx, [f"icon {n}" for n in range(7)], outputs=2)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "succeeded"
+    served = sandbox.stats()["images"]
+    for item in report["items"]:
+        assert len(item["outputs"]) == 2
+        for out in item["outputs"]:
+            data = Path(out["uri"].removeprefix("file://")).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == out["sha256"] == served[out["asset_id"]]
+    stats = sandbox.stats()
+    assert stats["responses_429"].get("parallel", 0) == 0
+    assert stats["jobs_created"] == 7 and stats["duplicate_submissions"] == 0
+
+
+def test_polling_uses_the_jobs_list_not_one_request_per_job(ctx: Context, sandbox: Sandbox) -> None:
+    sandbox.configure(latency=0.5)
+    record(ctx, [f"icon {n}" for n in range(3)])
+    drain(ctx, SweeperState(api_host="sandbox"))
+    requests = sandbox.stats()["requests"]
+    assert requests.get("GET /jobs/{jobId}", 0) == 0
+    assert 1 <= requests.get("GET /jobs", 0) <= 30
+
+
+def test_a_submit_killed_after_the_post_is_reconciled_not_resubmitted(
+    ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = record(ctx, ["lonely icon"])
+    state = SweeperState(api_host="sandbox")
+    sweep(ctx, state)
+    (item_id,) = ctx.dispatch.submits  # type: ignore[attr-defined]
+    ctx.dispatch.submits.clear()  # type: ignore[attr-defined]
+
+    # The worker dies between Scenario's answer and our write of the job id.
+    original = ctx.repo.record_submitted
+
+    def die(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("SIGKILL")
+
+    monkeypatch.setattr(ctx.repo, "record_submitted", die)
+    with pytest.raises(SystemExit):
+        submit_item(ctx, item_id)
+    monkeypatch.setattr(ctx.repo, "record_submitted", original)
+    assert sandbox.stats()["jobs_created"] == 1
+
+    time.sleep(1.1)  # the dead worker's lease expires; the sweeper hands the item out again
+    drain(ctx, state)
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "succeeded"
+    assert sandbox.stats()["jobs_created"] == 1
+    assert sandbox.stats()["duplicate_submissions"] == 0
+    assert report["items"][0]["attempts"] == 1
+
+
+def test_a_redelivered_submit_message_is_harmless(ctx: Context, sandbox: Sandbox) -> None:
+    record(ctx, ["twice delivered"])
+    sweep(ctx, SweeperState(api_host="sandbox"))
+    (item_id,) = ctx.dispatch.submits  # type: ignore[attr-defined]
+    assert submit_item(ctx, item_id) == "submitted"
+    assert submit_item(ctx, item_id) == "not-claimed"
+    assert sandbox.stats()["jobs_created"] == 1
+
+
+def test_lost_messages_are_rebuilt_from_sql(ctx: Context, sandbox: Sandbox) -> None:
+    run_id = record(ctx, ["a", "b"])
+    drain(ctx, SweeperState(api_host="sandbox"), drop_submits=2)
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "succeeded"
+    assert sandbox.stats()["jobs_created"] == 2
+
+
+def test_failed_generation_is_resubmitted_then_fails_with_error_and_hint(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    sandbox.configure(fail_prompts=["cursed"])
+    run_id = record(ctx, ["cursed relic", "fine relic"])
+    drain(ctx, SweeperState(api_host="sandbox"))
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "failed"
+    cursed = report["items"][0]
+    assert cursed["status"] == "failed" and cursed["attempts"] == 2
+    assert len(cursed["jobs"]) == 2 and cursed["error"] and cursed["hint"]
+    assert report["items"][1]["status"] == "succeeded"
+
+
+def test_expired_asset_urls_are_refreshed(ctx: Context, sandbox: Sandbox) -> None:
+    sandbox.configure(fault_expired_rate=0.5, seed=11)
+    run_id = record(ctx, [f"icon {n}" for n in range(4)], outputs=2)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "succeeded"
+    assert sandbox.stats()["faults"]["expired"] > 0
+
+
+def test_deadline_cancels_remote_jobs(ctx: Context, sandbox: Sandbox) -> None:
+    sandbox.configure(latency=30.0)
+    run_id = record(ctx, ["slow one", "slow two"])
+    state = SweeperState(api_host="sandbox")
+    sweep(ctx, state)
+    for item_id in list(ctx.dispatch.submits):  # type: ignore[attr-defined]
+        submit_item(ctx, item_id)
+    ctx.repo.set_deadline(run_id, ctx.now())
+    time.sleep(0.01)
+    sweep(ctx, state)
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "canceled"
+    assert all("deadline" in (i["error"] or "") for i in report["items"])
+    assert sandbox.stats()["jobs"].get("canceled") == 2
+    assert all(i["status"] == str(ItemStatus.CANCELED) for i in report["items"])
