@@ -24,7 +24,7 @@ import typer
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
-from pipeline import db
+from pipeline import db, gallery
 from pipeline.errors import (
     AuthError,
     ConfigError,
@@ -212,6 +212,7 @@ def _finish(executor: Any, run_id: str, wait: bool, as_json: bool, stack: ExitSt
     if as_json:
         _print_json(report)
     else:
+        report["gallery"] = str(gallery.write(report, Path("runs") / f"{run_id}.html"))
         _print_summary(report)
     raise Exit(_exit_code(report))
 
@@ -371,6 +372,21 @@ def retry(
         reopened = executor.reopen(run_id, item)
         err.print(f"run {run_id}: retrying {len(reopened)} item(s)", markup=False)
         _finish(executor, run_id, wait, as_json, stack)
+
+
+@app.command("gallery")
+def gallery_command(
+    run_id: str | None = typer.Argument(None, help="A run id (default: the latest run)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="The HTML file to write."),
+) -> None:
+    """Write a run's images as an HTML contact sheet (runs/RUN_ID.html by default)."""
+    with _repository() as repo:
+        run_id = run_id or repo.latest_run_id()
+        report = repo.run_report(run_id) if run_id else None
+        if report is None:
+            raise Exit(EXIT_FAILED, f"no run {run_id}" if run_id else "no runs recorded yet")
+    page = gallery.write(report, output or Path("runs") / f"{report['run_id']}.html")
+    typer.echo(str(page))
 
 
 @app.command()

@@ -380,6 +380,7 @@ class Repository:
                         "error": item.error,
                         "hint": item.hint,
                         "seed": item.seed,
+                        "prompt": item.prompt,
                         "outputs": [_output_doc(o) for o in holder.objects],
                     }
                 )
@@ -487,7 +488,6 @@ class Repository:
                         status=ItemStatus.SUBMITTING,
                         lease_owner=None,
                         lease_until=now + timedelta(seconds=lease_ttl),
-                        dispatches=ItemRow.dispatches + 1,
                         updated_at=now,
                     )
                 )
@@ -558,15 +558,20 @@ class Repository:
             ]
 
     def expected_duration(self, model: str, sample: int = 20) -> float | None:
-        """Median seconds from submission to success of this model's recent jobs."""
+        """Median seconds from creation to success of this model's recent jobs.
+
+        Measured on Scenario's own timestamps (createdAt to the updatedAt of success), not
+        on when we happened to look: a duration inflated by our polling would push the
+        next first poll later, and the one after later still.
+        """
         with self._tx() as s:
             rows = s.execute(
-                select(JobRow.accepted_at, JobRow.finished_at)
+                select(JobRow.remote_created_at, JobRow.remote_updated_at)
                 .where(
                     JobRow.model == model,
                     JobRow.state == JobState.SUCCESS,
-                    JobRow.accepted_at.is_not(None),
-                    JobRow.finished_at.is_not(None),
+                    JobRow.remote_created_at.is_not(None),
+                    JobRow.remote_updated_at.is_not(None),
                 )
                 .order_by(JobRow.id.desc())
                 .limit(sample)
@@ -596,6 +601,7 @@ class Repository:
         error: str | None = None,
         hint: str | None = None,
         retry_delay: float = 0.0,
+        collect_delay: float = 0.0,
     ) -> ItemStatus | None:
         """Record a job's remote state; on a terminal state, move its item on.
 
@@ -623,7 +629,9 @@ class Repository:
                 job.asset_ids = {"ids": list(asset_ids)}
                 item.status = ItemStatus.COLLECTING
                 item.lease_owner = None
-                item.lease_until = None
+                # Collected once this passes, together with whatever finished meanwhile:
+                # one get-bulk for the batch instead of one per tick.
+                item.lease_until = now + timedelta(seconds=collect_delay)
                 item.next_attempt_at = None
                 item.updated_at = now
                 return item.status
