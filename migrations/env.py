@@ -5,6 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
+
 from pipeline.db import make_engine, normalize_url
 from pipeline.models import Base
 from pipeline.settings import Settings

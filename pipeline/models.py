@@ -192,7 +192,8 @@ class ItemRow(Base):
     status: Mapped[ItemStatus] = mapped_column(_enum(ItemStatus, "item_status"), index=True)
     attempts: Mapped[int] = mapped_column(default=0)  # Scenario jobs submitted
     max_attempts: Mapped[int] = mapped_column(default=2)
-    dispatches: Mapped[int] = mapped_column(default=0)  # tasks handed out (poison guard)
+    # Tasks handed out again after their worker vanished (the poison-item guard).
+    dispatches: Mapped[int] = mapped_column(default=0)
     error: Mapped[str | None] = mapped_column(Text)
     hint: Mapped[str | None] = mapped_column(Text)
     skipped_from_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"))

@@ -41,6 +41,7 @@ def tuning_from(settings: Settings) -> Tuning:
         parallel_jobs=settings.parallel_jobs,
         lease_seconds=settings.lease_seconds,
         list_interval=settings.poll_interval,
+        collect_delay=settings.poll_interval,
         tick=settings.sweep_tick,
     )
 

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 SWEEPER_LEASE = "sweeper"
 # Jobs made by POST /generate/custom/{modelId}; GET /jobs needs a type to filter by update.
 GENERATION_JOB_TYPE = "custom"
+POLL_CAP = 30.0  # never leave a job unlooked-at longer than this
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -70,6 +71,8 @@ class Tuning:
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
     collect_batch: int = 25  # items per collect task (one get-bulk for all their assets)
+    collect_delay: float = 1.0  # gather finished items this long into one collect task
+    coalesce_fraction: float = 0.05  # of a job's expected duration, to batch list polls
     download_attempts: int = 4
     tick: float = 0.5  # the sweeper's idle wake-up period
     backoff: Backoff = field(
@@ -217,18 +220,22 @@ def _auth_message(exc: Exception) -> str:
 def next_poll_in(
     elapsed: float, expected: float | None, polls: int, rng: random.Random | None = None
 ) -> float:
-    """Seconds until a job is worth looking at again.
+    """Seconds until a job is worth looking at again (pure; the list poll is due then).
 
-    With a learned duration the first look lands at the expected finish and later ones
-    back off from a tenth of it; without one, `retry.poll_delay`'s schedule applies.
+    With a learned duration the first look lands at the expected finish; an overdue job is
+    looked at again after half its delay so far (a geometric backoff, capped). Without
+    one, looks come at a fifth of the elapsed time: a detection delay of at most 20% on the
+    first jobs of a model, and few requests for a slow one.
     """
     if expected is None:
-        return poll_delay(elapsed=elapsed, expected=None, polls=polls, rng=rng)
+        if polls == 0 and elapsed == 0:
+            return poll_delay(elapsed=0.0, expected=None, polls=0, rng=rng) / 4
+        return min(max(0.2 * elapsed, 0.25), POLL_CAP)
     if elapsed < expected:
         return max(0.05, expected - elapsed)
-    step = max(0.05, expected * 0.1) * (1.5 ** min(polls, 20))
+    step = max(0.05 * expected, 0.5 * (elapsed - expected))
     jitter = 1.0 + (rng.uniform(-0.1, 0.1) if rng else 0.0)
-    return min(step * jitter, 30.0)
+    return min(step * jitter, POLL_CAP)
 
 
 @dataclass
@@ -251,6 +258,12 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     due = [j for j in jobs if j.next_poll_at is None or j.next_poll_at <= now]
     if not due:
         return report
+    # Jobs submitted together finish a little apart; waiting a few percent of their
+    # duration past the first one lets one list call see the whole group finished.
+    earliest = min(j.next_poll_at or now for j in due)
+    window = (state.expected(ctx, due[0].model) or 0.0) * ctx.tuning.coalesce_fraction
+    if now < earliest + timedelta(seconds=window):
+        return report
     mono = time.monotonic()
     if mono - state.last_list_at < ctx.tuning.list_interval:
         return report
@@ -265,7 +278,9 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     newest_update: datetime | None = None
     try:
         report.list_calls = 1
-        for count, job in enumerate(ctx.client.iter_jobs(job_type=GENERATION_JOB_TYPE, updated_after=watermark), start=1):
+        for count, job in enumerate(
+            ctx.client.iter_jobs(job_type=GENERATION_JOB_TYPE, updated_after=watermark), start=1
+        ):
             if count > ctx.tuning.list_max_pages * 100:
                 list_ok = False  # a busy account: the list is too long to be cheap
                 break
@@ -328,6 +343,7 @@ def _apply_remote(ctx: Context, row_id: int, job: Job) -> ItemStatus | None:
         error=job.error or (f"job {state}" if state == JobState.FAILURE else None),
         hint=job.hint,
         retry_delay=ctx.tuning.resubmit_delay,
+        collect_delay=ctx.tuning.collect_delay,
     )
 
 
@@ -375,8 +391,7 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         report.poll = poll_jobs(ctx, state)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
-    to_collect = list(report.poll.finished)
-    to_collect += ctx.repo.expired_leases(
+    to_collect = ctx.repo.expired_leases(
         ItemStatus.COLLECTING, tuning.lease_seconds, tuning.max_dispatches
     )
     for start in range(0, len(to_collect), tuning.collect_batch):

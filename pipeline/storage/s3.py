@@ -104,7 +104,7 @@ class S3Storage(Storage):
         try:
             self._client().head_bucket(Bucket=self.bucket)
         except Exception as exc:
-            error = self._translate(exc, "reach bucket", None)
+            error = self._translate(exc, "check", None)
             raise ServiceUnavailable(self._unavailable_line(exc, error)) from exc
 
     def put(
@@ -317,6 +317,8 @@ class S3Storage(Storage):
                 f"S3 refused access to bucket {self.bucket!r} at {self._where()}: {code} "
                 "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
             )
+        if isinstance(error, StorageTransientError):
+            return f"cannot reach the bucket s3://{self.bucket} at {self._where()}: {error}"
         return str(error)
 
 

@@ -66,7 +66,12 @@ def ctx(database_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[Context
         storage=open_storage(f"file://{tmp_path / 'out'}"),
         dispatch=QueueDispatcher(),
         tuning=Tuning(
-            parallel_jobs=3, lease_seconds=1.0, list_interval=0.05, tick=0.05, resubmit_delay=0.0
+            parallel_jobs=3,
+            lease_seconds=1.0,
+            list_interval=0.05,
+            tick=0.05,
+            resubmit_delay=0.0,
+            collect_delay=0.05,
         ),
         sleep=lambda _s: None,
     )
