@@ -187,7 +187,8 @@ def swagger(pytestconfig: pytest.Config) -> dict[str, Any]:
         pytest.skip(f"{SWAGGER_NAME} not found: set SCENARIO_SWAGGER to its path")
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()[:16]
-    cache_dir = pytestconfig.cache.mkdir("sandbox-swagger") if pytestconfig.cache else None
+    cache = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
+    cache_dir = cache.mkdir("sandbox-swagger") if cache is not None else None
     cached = cache_dir / f"{digest}.pickle" if cache_dir else None
     if cached is not None and cached.exists():
         with cached.open("rb") as fh:
