@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.chaos.harness import Cluster, audit, manifest_text  # noqa: E402
-from tests.services import drop_postgres_database, make_postgres_database, run_seaweedfs  # noqa: E402
+from tests.chaos.harness import Cluster, audit, manifest_text
+from tests.services import drop_postgres_database, make_postgres_database, run_seaweedfs
 
 
 def main() -> int:

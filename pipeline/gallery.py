@@ -52,7 +52,7 @@ def render(report: dict[str, Any], page: Path) -> str:
             f'<div class="thumbs">{"".join(thumbs)}</div>'
             f'<p class="prompt">{esc(item.get("prompt") or "")}</p>'
             f'<p class="meta">seed {item.get("seed")} · attempts {item["attempts"]} · '
-            f'{esc(", ".join(item["jobs"]))}</p>{error}{hint}</section>'
+            f"{esc(', '.join(item['jobs']))}</p>{error}{hint}</section>"
         )
     c = report["counts"]
     summary = (
@@ -76,8 +76,8 @@ repeating-conic-gradient(#eee 0 25%,#fff 0 50%) 0 0/16px 16px;border-radius:4px}
 .prompt{{margin:4px 0}} .meta{{color:#777;font-size:12px;margin:0}}
 .err{{color:#c62828;margin:4px 0 0}} .hint{{color:#ef6c00;margin:2px 0 0}}
 </style></head><body>
-<h1>{esc(title)} · {esc(report['status'])}</h1>
-<p class="sum">{esc(summary)} · manifest {esc(report['manifest']['path'])}</p>
+<h1>{esc(title)} · {esc(report["status"])}</h1>
+<p class="sum">{esc(summary)} · manifest {esc(report["manifest"]["path"])}</p>
 <div class="grid">{"".join(cards)}</div>
 </body></html>
 """

@@ -419,7 +419,7 @@ class Repository:
                     ),
                 )
                 .values(holder=holder, expires_at=until)
-            ).rowcount
+            ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
             if taken:
                 return True
             if s.get(LeaseRow, name) is not None:
@@ -740,7 +740,7 @@ class Repository:
                         ),
                     )
                     .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_ttl))
-                ).rowcount
+                ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
             )
 
     def submit_work(self, item_id: int) -> SubmitWork | None:

@@ -146,7 +146,7 @@ class EmbeddedWorker:
         self._started = threading.Event()
         started = self._started
 
-        class _Controller(WorkController):  # type: ignore[misc]
+        class _Controller(WorkController):
             def on_consumer_ready(self, consumer: Any) -> None:
                 started.set()
 

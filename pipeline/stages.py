@@ -308,10 +308,10 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
                 logger.warning("poll of job %s failed: %s", j.scenario_job_id, exc)
     schedule: dict[int, datetime] = {}
     for j in jobs:
-        job = seen.get(j.scenario_job_id)
-        if job is not None and _apply(ctx, j, job, report):
+        polled = seen.get(j.scenario_job_id)
+        if polled is not None and _apply(ctx, j, polled, report):
             continue
-        if job is None and not list_ok:
+        if polled is None and not list_ok:
             continue
         expected = state.expected(ctx, j.model)
         elapsed = (now - j.accepted_at).total_seconds()
