@@ -209,6 +209,14 @@ class Cluster:
             proc.wait(10)
             self.log(f"SIGKILLed worker {n}")
 
+    def stop_worker(self, n: int, timeout: float = 60.0) -> int:
+        """SIGTERM a worker (a redeploy) and wait for it; returns its exit code."""
+        proc = self.workers[n]
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout)
+        self.log(f"SIGTERMed worker {n}: exited {code}")
+        return code
+
     def restart_redis(self, down_for: float = 1.5) -> None:
         self.redis.kill()
         self.log("killed redis (no persistence: every queued message is lost)")

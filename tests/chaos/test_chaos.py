@@ -41,11 +41,16 @@ def test_nothing_lost_nothing_paid_twice_under_chaos(
         cluster.start_worker()
         time.sleep(2.0)
         cluster.restart_redis()
+        time.sleep(1.0)
+        s3_server.stop()  # the bucket goes away for a while: collects must wait, not fail
+        cluster.log("S3 server killed")
         time.sleep(2.0)
+        s3_server.start()
+        cluster.log("S3 server restarted")
         cluster.kill_worker(1)
         time.sleep(1.0)
-        cluster.kill_worker(2)  # for a moment no worker at all
-        time.sleep(1.0)
+        graceful = cluster.stop_worker(2)  # SIGTERM: finish in-flight work, then exit
+        time.sleep(0.5)
         cluster.start_worker()
 
         deadline = time.monotonic() + 150
@@ -59,6 +64,7 @@ def test_nothing_lost_nothing_paid_twice_under_chaos(
     finally:
         cluster.stop()
 
+    assert graceful == 0, "a SIGTERMed worker exits cleanly"
     assert doc["status"] == "failed", cluster.worker_logs()  # the doomed item, only
     states = {i["id"]: i["status"] for i in doc["items"]}
     assert all(s in ("succeeded", "failed") for s in states.values()), states
