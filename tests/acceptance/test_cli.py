@@ -284,3 +284,32 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_input_images_are_uploaded_once_and_sent_as_asset_ids(
+    cli: Cli, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    shutil.copytree(ROOT / "manifests" / "refs", tmp_path / "refs")
+    text = ICONS + (
+        "  - id: winter-shield\n"
+        "    prompt: wooden shield, winter theme\n"
+        "    image: refs/shield.png\n"
+        "    params: {strength: 0.6}\n"
+        "  - id: summer-shield\n"
+        "    prompt: wooden shield, summer theme\n"
+        "    image: refs/shield.png\n"
+        "    params: {strength: 0.6}\n"
+    )
+    manifest = write_manifest(tmp_path, text)
+    first = cli("run", str(manifest), "--wait", "--json")
+    assert first.code == 0, first.stderr
+    assert sandbox.stats()["uploads"] == 1  # two items, one file: one upload
+    again = cli("run", str(manifest), "--wait", "--json", "--force")
+    assert again.code == 0, again.stderr
+    assert sandbox.stats()["uploads"] == 1  # the asset id recorded earlier is reused
+
+    shield = next(i for i in first.json()["items"] if i["id"] == "winter-shield")
+    match = cli("lineage", shield["outputs"][0]["sha256"], "--json").json()["matches"][0]
+    (source,) = match["inputs"]
+    assert source["role"] == "image" and source["asset_id"].startswith("asset_")
+    assert source["sha256"] == sha256_file(tmp_path / "refs" / "shield.png")
