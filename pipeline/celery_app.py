@@ -22,7 +22,8 @@ def celery_config(broker_url: str) -> dict[str, Any]:
     """The Celery settings for a broker URL (memory:// embedded, redis:// distributed)."""
     memory = broker_url.startswith("memory://")
     return {
-        "broker_url": broker_url,
+        # kombu warns about a memory:// URL without a host; the host means nothing there.
+        "broker_url": "memory://localhost/" if memory else broker_url,
         "result_backend": None,
         "task_ignore_result": True,
         "task_acks_late": True,

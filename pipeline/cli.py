@@ -285,19 +285,31 @@ def _print_json(doc: Any) -> None:
     sys.stdout.flush()
 
 
-def _print_summary(report: dict[str, Any]) -> None:
+def _print_summary(report: dict[str, Any], limit: int = 30) -> None:
+    """A table of the items (the unfinished and failed first; long runs are cut short)."""
     from rich.table import Table
 
     out = Console(highlight=False)
+    order = {"failed": 0, "canceled": 1}
+    items = sorted(report["items"], key=lambda i: order.get(i["status"], 2))
     table = Table(title=f"{report['run_id']} · {report['manifest']['name']} · {report['status']}")
     for col in ("item", "status", "attempts", "outputs", "error"):
         table.add_column(col, overflow="fold")
-    for item in report["items"]:
-        outputs = "\n".join(o["uri"] for o in item["outputs"])
+    for item in items[:limit]:
+        outputs = item["outputs"]
+        shown = outputs[0]["uri"] if len(outputs) == 1 else f"{len(outputs)} files"
+        if len(outputs) > 1:
+            shown += f" ({outputs[0]['uri'].rsplit('/', 1)[0]}/…)"
         table.add_row(
-            item["id"], item["status"], str(item["attempts"]), outputs, item["error"] or ""
+            item["id"],
+            item["status"],
+            str(item["attempts"]),
+            shown if outputs else "",
+            item["error"] or "",
         )
     out.print(table)
+    if len(items) > limit:
+        out.print(f"… and {len(items) - limit} more items (pipeline status --json)", markup=False)
     c = report["counts"]
     out.print(
         f"{c['succeeded']} succeeded, {c['skipped']} skipped, {c['failed']} failed, "
