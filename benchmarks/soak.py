@@ -63,14 +63,23 @@ def main() -> int:
             next_kill = time.monotonic() + args.kill_every
             next_redis = time.monotonic() + args.redis_every
             victim = 0
+            reported: set[int] = set()
             deadline = time.monotonic() + args.timeout
             doc = cluster.status(run_id)
             while doc["status"] == "running" and time.monotonic() < deadline:
                 time.sleep(2.0)
                 now = time.monotonic()
+                for n, worker in enumerate(cluster.workers):
+                    if worker.poll() is not None and n not in reported:
+                        reported.add(n)
+                        cluster.log(f"worker {n} exited by itself ({worker.returncode})")
+                        print(cluster.worker_logs()[-3000:], flush=True)
+                        cluster.start_worker()
                 if now >= next_kill:
                     alive = [n for n, w in enumerate(cluster.workers) if w.poll() is None]
-                    cluster.kill_worker(alive[victim % len(alive)])
+                    chosen = alive[victim % len(alive)]
+                    reported.add(chosen)  # killed by us, not "exited by itself"
+                    cluster.kill_worker(chosen)
                     cluster.start_worker()
                     victim += 1
                     next_kill = now + args.kill_every

@@ -9,9 +9,12 @@ connects at import time.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
+
+logger = logging.getLogger(__name__)
 
 QUEUE = "pipeline"
 
@@ -52,4 +55,62 @@ def celery_config(broker_url: str) -> dict[str, Any]:
 def configure(broker_url: str) -> Celery:
     """Point the application at a broker."""
     app.conf.update(celery_config(broker_url))
+    _tolerate_lost_unacked_restore()
     return app
+
+
+def _tolerate_lost_unacked_restore() -> None:
+    """Keep a worker alive when Redis goes away while it holds unacknowledged messages.
+
+    With late acks and the threads pool, kombu (5.7) closes the channel on connection loss
+    and then (a) tries to push the unacked messages back and (b) acks messages whose tasks
+    finish afterwards, both on the torn-down connection. Both raise AttributeError
+    ('NoneType' object has no attribute 'hostname' / 'client'), which Celery treats as an
+    unrecoverable error: the worker exits. Losing those acks and restores is harmless here:
+    messages carry only ids, a redelivered one finds its item claimed or finished, and the
+    sweeper re-dispatches anything whose lease expires. So they are logged, not fatal.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    qos = kombu_redis.QoS
+    if getattr(qos, "_pipeline_tolerant", False):
+        return
+    lost = (AttributeError, OSError, kombu_redis.redis.exceptions.RedisError)
+    restore, ack, reject = qos.restore_unacked, qos.ack, qos.reject
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        try:
+            return restore(self, client)
+        except lost as exc:
+            logger.warning(
+                "could not hand %d unacknowledged message(s) back to the broker (%s); "
+                "the sweeper re-dispatches their items from SQL",
+                len(self._delivered),
+                exc,
+            )
+            self._delivered.clear()
+            return None
+
+    def _forget(self: Any, delivery_tag: Any, exc: BaseException) -> None:
+        logger.warning("ack of a message from a lost broker connection dropped (%s)", exc)
+        self._delivered.pop(delivery_tag, None)
+
+    def tolerant_ack(self: Any, delivery_tag: Any) -> None:
+        try:
+            ack(self, delivery_tag)
+        except lost as exc:
+            _forget(self, delivery_tag, exc)
+
+    def tolerant_reject(self: Any, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            reject(self, delivery_tag, requeue)
+        except lost as exc:
+            _forget(self, delivery_tag, exc)
+
+    for name, patched in (
+        ("restore_unacked", restore_unacked),
+        ("ack", tolerant_ack),
+        ("reject", tolerant_reject),
+        ("_pipeline_tolerant", True),
+    ):
+        setattr(qos, name, patched)

@@ -381,7 +381,9 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     """One pass of the single active sweeper: deadlines, polls, re-dispatch, dispatch."""
     report = TickReport()
     holder = ctx.worker
-    if not ctx.repo.acquire_lease(SWEEPER_LEASE, holder, ttl=max(10.0, ctx.tuning.tick * 20)):
+    # A short lease: when its holder dies another sweeper takes over within seconds. Two
+    # overlapping sweeps are safe (every move is a conditional UPDATE), merely wasteful.
+    if not ctx.repo.acquire_lease(SWEEPER_LEASE, holder, ttl=max(3.0, ctx.tuning.tick * 10)):
         return report
     report.ran = True
     tuning = ctx.tuning

@@ -58,6 +58,7 @@ def test_nothing_lost_nothing_paid_twice_under_chaos(
         while doc["status"] == "running" and time.monotonic() < deadline:
             time.sleep(1.0)
             doc = cluster.status(run_id)
+        survived_redis_restart = cluster.workers[3].poll() is None
         figures = audit(cluster, doc)
         print("\n".join(cluster.events))
         print(json.dumps(figures, indent=1))
@@ -65,6 +66,7 @@ def test_nothing_lost_nothing_paid_twice_under_chaos(
         cluster.stop()
 
     assert graceful == 0, "a SIGTERMed worker exits cleanly"
+    assert survived_redis_restart, "a worker lives through a Redis restart"
     assert doc["status"] == "failed", cluster.worker_logs()  # the doomed item, only
     states = {i["id"]: i["status"] for i in doc["items"]}
     assert all(s in ("succeeded", "failed") for s in states.values()), states
