@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import shutil
 import socket
@@ -239,6 +240,9 @@ def test_wrong_credentials_stop_the_run_instead_of_retrying_every_item(
     assert all(i["status"] == "failed" for i in doc["items"])
     assert all("credentials" in (i["error"] or "") for i in doc["items"])
     assert "wrong-secret" not in result.stdout + result.stderr
+    lineage_db = b"".join(p.read_bytes() for p in tmp_path.glob("lineage.db*"))  # + WAL
+    assert b"wrong-secret" not in lineage_db
+    assert base64.b64encode(b"sandbox:wrong-secret") not in lineage_db
     # At most one wave of the parallel-jobs cap tried before the run stopped.
     assert sandbox.stats()["requests"].get(GENERATE, 0) <= 4
 

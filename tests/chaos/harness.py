@@ -25,8 +25,8 @@ PIPELINE = Path(sys.executable).with_name("pipeline")
 
 FAULTS = {
     "failure_rate": 0.08,  # generations that fail and succeed on a second try
-    "fault_5xx_rate": 0.04,
-    "fault_drop_rate": 0.03,
+    "fault_5xx_rate": 0.05,
+    "fault_drop_rate": 0.05,
     "fault_expired_rate": 0.08,
     "fault_slow_rate": 0.04,
     "slow_seconds": 0.6,
