@@ -100,8 +100,14 @@ def main() -> int:
     figures["seconds"] = round(time.monotonic() - started, 1)
     figures["status"] = doc["status"]
     print("\n".join(cluster.events))
+    for item in doc["items"]:
+        if item["status"] != "succeeded":
+            print(
+                f"{item['id']}: {item['status']} after {item['attempts']} attempts: {item['error']}"
+            )
     print(json.dumps(figures, indent=1))
     ok = figures["duplicate_submissions"] == 0 and figures["succeeded"] == args.items
+
     print("OK" if ok else "PROBLEM: duplicates or lost items")
     return 0 if ok else 1
 

@@ -101,7 +101,9 @@ def _settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = ".".join(str(p) for p in first["loc"])
-        raise Exit(EXIT_INVALID, f"error: invalid setting {name}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        where = f"invalid setting {name}: " if name else "invalid settings: "
+        raise Exit(EXIT_INVALID, f"error: {where}{message}") from None
     return settings.model_copy(update=overrides) if overrides else settings
 
 

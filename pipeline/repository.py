@@ -743,6 +743,23 @@ class Repository:
                 ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
             )
 
+    def renew_claim(self, item_id: int, owner: str, status: ItemStatus, lease_ttl: float) -> bool:
+        """Extend a claim this owner still holds; False if the item was handed to another."""
+        now = self.now()
+        with self._tx() as s:
+            return bool(
+                s.execute(
+                    update(ItemRow)
+                    .where(
+                        ItemRow.id == item_id,
+                        ItemRow.status == status,
+                        ItemRow.lease_owner == owner,
+                        ItemRow.lease_until > now,
+                    )
+                    .values(lease_until=now + timedelta(seconds=lease_ttl))
+                ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
+            )
+
     def submit_work(self, item_id: int) -> SubmitWork | None:
         with self._tx() as s:
             item = s.get(ItemRow, item_id)

@@ -350,10 +350,18 @@ class ScenarioClient:
     # ------------------------------------------------------------ transport
 
     def _send_once(
-        self, method: str, path: str, *, params: dict[str, Any] | None, json: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None,
+        json: Any,
+        before_send: Callable[[], None] | None = None,
     ) -> httpx.Response:
         """One governed request; raises the translated error on failure."""
         self._governor.acquire(timeout=self._governor_timeout)
+        if before_send is not None:
+            before_send()  # the last word before the request leaves; may raise to abort
         try:
             response = self._http.request(method, path.lstrip("/"), params=params, json=json)
         except httpx.TimeoutException as exc:
@@ -382,13 +390,16 @@ class ScenarioClient:
         params: dict[str, Any] | None = None,
         json: Any = None,
         retry: bool,
+        before_send: Callable[[], None] | None = None,
     ) -> httpx.Response:
         """A request, retried on transient errors when `retry` and a read policy is set."""
         policy = self._read_retry if retry else None
         attempt = 1
         while True:
             try:
-                return self._send_once(method, path, params=params, json=json)
+                return self._send_once(
+                    method, path, params=params, json=json, before_send=before_send
+                )
             except TransientError as exc:
                 if policy is None or policy.exhausted(attempt):
                     raise
@@ -414,8 +425,11 @@ class ScenarioClient:
         params: dict[str, Any] | None = None,
         json: Any = None,
         retry: bool,
+        before_send: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        response = self._request(method, path, params=params, json=json, retry=retry)
+        response = self._request(
+            method, path, params=params, json=json, retry=retry, before_send=before_send
+        )
         return self._json(method, path, response)
 
     @staticmethod
@@ -426,10 +440,20 @@ class ScenarioClient:
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, model_id: str, body: dict[str, Any]) -> Submission:
-        """Start a generation job. Never retried: a retried POST could pay twice."""
+    def generate(
+        self,
+        model_id: str,
+        body: dict[str, Any],
+        *,
+        before_send: Callable[[], None] | None = None,
+    ) -> Submission:
+        """Start a generation job. Never retried: a retried POST could pay twice.
+
+        `before_send` runs after the governor let the request through and right before it
+        is sent; raising there aborts without sending (a caller re-checks its claim).
+        """
         path = f"/generate/custom/{quote(model_id, safe='')}"
-        data = self._call("POST", path, json=body, retry=False)
+        data = self._call("POST", path, json=body, retry=False, before_send=before_send)
         cost = data.get("creativeUnitsCost")
         return Submission(
             job=parse_job(self._field(data, "job", "POST", path)),

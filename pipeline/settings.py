@@ -6,7 +6,7 @@ build one `Settings` and pass what each part needs down.
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_API_URL = "https://api.cloud.scenario.com/v1"
@@ -42,6 +42,17 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(90.0, gt=0, validation_alias="PIPELINE_LEASE_SECONDS")
     sweep_tick: float = Field(0.5, gt=0, validation_alias="PIPELINE_SWEEP_TICK")
     worker_concurrency: int = Field(8, ge=1, validation_alias="PIPELINE_WORKER_CONCURRENCY")
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_request(self) -> Settings:
+        # A submit renews its lease right before the POST; the POST must end (or time out)
+        # well inside it, or another worker could take the item over and POST as well.
+        if self.lease_seconds < 3 * self.http_timeout:
+            raise ValueError(
+                f"PIPELINE_LEASE_SECONDS ({self.lease_seconds:g}) must be at least three times "
+                f"PIPELINE_HTTP_TIMEOUT ({self.http_timeout:g})"
+            )
+        return self
 
     @property
     def redis_url(self) -> str | None:

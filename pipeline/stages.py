@@ -131,8 +131,22 @@ def submit_item(ctx: Context, item_id: int) -> str:
             ctx.repo.fail_item(item_id, f"no attempts left ({work.attempts}/{work.max_attempts})")
             return "exhausted"
         row_id, _ = ctx.repo.record_intent(item_id, work.model)
+
+    def still_ours() -> None:
+        # Our lease may have run out while we reconciled or waited for the governor, and
+        # the sweeper may have handed the item to another worker that will POST itself.
+        # Renewing it right before sending keeps the POST inside our lease (lease_seconds
+        # is checked to exceed the HTTP timeout several times over).
+        if not ctx.repo.renew_claim(
+            item_id, owner, ItemStatus.SUBMITTING, ctx.tuning.lease_seconds
+        ):
+            raise _ClaimLost(item_id)
+
     try:
-        submission = ctx.client.generate(work.model, work.body)
+        submission = ctx.client.generate(work.model, work.body, before_send=still_ours)
+    except _ClaimLost:
+        logger.info("item %s: claim lost before the POST; another worker has it", item_id)
+        return "claim-lost"
     except AuthError as exc:
         ctx.repo.record_rejected(row_id, error=_auth_message(exc), retry_at=None)
         ctx.repo.fail_run(work.run_id, _auth_message(exc))
@@ -151,6 +165,10 @@ def submit_item(ctx: Context, item_id: int) -> str:
         return "rejected"
     _record_accepted(ctx, row_id, work.model, submission.job, submission.creative_units)
     return "submitted"
+
+
+class _ClaimLost(Exception):
+    """Our claim on an item expired and another task may own it now."""
 
 
 def reconcile(ctx: Context, work: SubmitWork) -> Job | None:

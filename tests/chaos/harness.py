@@ -162,8 +162,8 @@ class Cluster:
             "PIPELINE_MAX_JOB_ATTEMPTS": "4",
             "PIPELINE_POLL_INTERVAL": "0.2",
             "PIPELINE_SWEEP_TICK": "0.2",
-            "PIPELINE_LEASE_SECONDS": "6",
-            "PIPELINE_HTTP_TIMEOUT": "3",
+            "PIPELINE_LEASE_SECONDS": "8",
+            "PIPELINE_HTTP_TIMEOUT": "2.5",
         }
         s3 = boto3.client(
             "s3",

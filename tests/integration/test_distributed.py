@@ -58,6 +58,7 @@ def env(
         "PIPELINE_POLL_INTERVAL": "0.1",
         "PIPELINE_SWEEP_TICK": "0.1",
         "PIPELINE_LEASE_SECONDS": "10",
+        "PIPELINE_HTTP_TIMEOUT": "3",
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path),
     }

@@ -254,3 +254,34 @@ def test_deadline_cancels_remote_jobs(ctx: Context, sandbox: Sandbox) -> None:
     assert all("deadline" in (i["error"] or "") for i in report["items"])
     assert sandbox.stats()["jobs"].get("canceled") == 2
     assert all(i["status"] == str(ItemStatus.CANCELED) for i in report["items"])
+
+
+def test_a_submit_that_outlived_its_lease_does_not_post(
+    ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker A stalls after writing its intent (a GC pause, a long wait for the governor)
+    until its lease runs out; worker B takes the item over and submits it. When A wakes up
+    it must not POST as well."""
+    record(ctx, ["stalled"])
+    state = SweeperState(api_host="sandbox")
+    sweep(ctx, state)
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, QueueDispatcher)
+    (item_id,) = dispatcher.submits
+    dispatcher.submits.clear()
+    original = ctx.repo.record_intent
+    outcomes: list[str] = []
+
+    def stall_then_let_b_in(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        monkeypatch.setattr(ctx.repo, "record_intent", original)
+        time.sleep(ctx.tuning.lease_seconds + 0.2)
+        sweep(ctx, state)  # the sweeper sees the expired lease and hands the item out again
+        assert dispatcher.submits == [item_id]
+        outcomes.append(submit_item(ctx, dispatcher.submits.pop()))  # worker B
+        return result
+
+    monkeypatch.setattr(ctx.repo, "record_intent", stall_then_let_b_in)
+    assert submit_item(ctx, item_id) == "claim-lost"  # worker A
+    assert outcomes == ["submitted"]
+    assert sandbox.stats()["jobs_created"] == 1

@@ -219,6 +219,22 @@ def test_generate_posts_the_body_and_returns_the_submission() -> None:
     assert submission.job.status is JobStatus.QUEUED
 
 
+def test_generate_sends_nothing_when_before_send_aborts() -> None:
+    recorder = Recorder(httpx.Response(200, json={"job": job_json(status="queued")}))
+    governor = NullGovernor()
+    client, _ = make_client(recorder, governor=governor)
+    calls: list[int] = []
+
+    def lost_claim() -> None:
+        calls.append(governor.acquired)  # runs after the governor let the request through
+        raise LookupError("claim lost")
+
+    with pytest.raises(LookupError):
+        client.generate("model_x", {"prompt": "p", "seed": 1}, before_send=lost_claim)
+    assert calls == [1]
+    assert recorder.requests == []
+
+
 def test_dry_run_returns_the_cost_from_a_269() -> None:
     recorder = Recorder(httpx.Response(269, json={"creativeUnitsCost": 3.5}))
     client, _ = make_client(recorder)
