@@ -76,6 +76,13 @@ class _Server(ThreadingHTTPServer):
             self.connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that vanished mid-request (a killed worker, a reset) is routine for an
+        # API server; anything else is still printed.
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """Shut every open keep-alive connection down."""
         with self.connections_lock:
