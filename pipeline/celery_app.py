@@ -52,6 +52,16 @@ def celery_config(broker_url: str) -> dict[str, Any]:
     }
 
 
+@app.on_configure.connect
+def _settings_from_environment(sender: Celery, **_: Any) -> None:
+    """`celery -A pipeline.celery_app worker` reads PIPELINE_BROKER_URL, as `pipeline worker`
+    does (pending defaults: an explicit `configure()` still wins)."""
+    from pipeline.settings import Settings
+
+    sender.add_defaults(celery_config(Settings().broker_url))
+    _tolerate_lost_unacked_restore()
+
+
 def configure(broker_url: str) -> Celery:
     """Point the application at a broker."""
     app.conf.update(celery_config(broker_url))
