@@ -13,12 +13,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import typer
 from pydantic import SecretStr, ValidationError
@@ -560,14 +559,6 @@ def _register_sandbox() -> None:
 
 
 _register_sandbox()
-
-
-def _unused(*_: Callable[..., Any]) -> None:  # keep imports honest for type checkers
-    return None
-
-
-def _host(url: str) -> str:
-    return urlsplit(url).netloc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -1110,20 +1110,6 @@ class Repository:
                     }
                 )
             return docs
-
-    def all_objects(self) -> list[tuple[str, str, int]]:
-        """(key, sha256, bytes) of every stored object (for audits and tests)."""
-        with self._tx() as s:
-            return [
-                (k, h, int(n))
-                for k, h, n in s.execute(
-                    select(ObjectRow.key, ObjectRow.sha256, ObjectRow.bytes)
-                ).all()
-            ]
-
-    def delete_run(self, run_id: str) -> None:  # pragma: no cover - maintenance helper
-        with self._tx() as s:
-            s.execute(delete(RunRow).where(RunRow.id == run_id))
 
 
 def _output_doc(obj: ObjectRow) -> dict[str, Any]:
