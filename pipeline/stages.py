@@ -31,6 +31,7 @@ from pipeline.errors import (
     AuthError,
     DownloadIncomplete,
     PermanentError,
+    StorageConflict,
     TransientError,
 )
 from pipeline.keys import render_key
@@ -604,6 +605,12 @@ def _download_into(
         try:
             with ctx.client.download(asset.url) as chunks:
                 return ctx.storage.put(key, chunks, content_type=mime, metadata=metadata), asset
+        except StorageConflict as exc:
+            # Never overwrite; say where the paid-for image still is.
+            raise StorageConflict(
+                f"{exc}; the new image stays on Scenario as asset {asset.id} "
+                f"(job {metadata.get('job-id')}): put {{seed}} or {{item_key}} in `output`"
+            ) from exc
         except AssetUrlExpired as exc:
             last = exc
             asset = ctx.client.get_asset(asset.id)  # a fresh signed URL

@@ -285,3 +285,19 @@ def test_a_submit_that_outlived_its_lease_does_not_post(
     assert submit_item(ctx, item_id) == "claim-lost"  # worker A
     assert outcomes == ["submitted"]
     assert sandbox.stats()["jobs_created"] == 1
+
+
+def test_stored_bytes_are_never_overwritten_and_the_new_asset_is_named(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    existing = ctx.storage.put(
+        "stages/item-0/0.png", [b"an older image"], content_type="image/png", metadata={}
+    )
+    run_id = record(ctx, ["regenerated icon"])
+    drain(ctx, SweeperState(api_host="sandbox"))
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "failed"
+    error = report["items"][0]["error"]
+    (asset_id,) = sandbox.stats()["images"]
+    assert asset_id in error and "{seed}" in error
+    assert ctx.storage.verify("stages/item-0/0.png", existing.sha256)  # the old bytes stay
