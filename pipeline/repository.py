@@ -463,6 +463,20 @@ class Repository:
                 ).scalar_one()
             )
 
+    def end_collect_delay(self) -> None:
+        """Make every collecting item that waits for company due now."""
+        now = self.now()
+        with self._tx() as s:
+            s.execute(
+                update(ItemRow)
+                .where(
+                    ItemRow.status == ItemStatus.COLLECTING,
+                    ItemRow.lease_owner.is_(None),
+                    ItemRow.lease_until > now,
+                )
+                .values(lease_until=now)
+            )
+
     def dispatch_pending(self, limit: int, lease_ttl: float) -> list[int]:
         """Move up to `limit` due pending items to submitting; return their ids."""
         if limit <= 0:

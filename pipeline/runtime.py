@@ -41,7 +41,8 @@ def tuning_from(settings: Settings) -> Tuning:
         parallel_jobs=settings.parallel_jobs,
         lease_seconds=settings.lease_seconds,
         list_interval=settings.poll_interval,
-        collect_delay=settings.poll_interval,
+        # Collecting later costs no slot (the job is done); batching saves get-bulk calls.
+        collect_delay=3 * settings.poll_interval,
         tick=settings.sweep_tick,
     )
 

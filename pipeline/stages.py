@@ -412,6 +412,10 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         report.poll = poll_jobs(ctx, state)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
+    in_flight = ctx.repo.in_flight_count()
+    if in_flight == 0:
+        # Nothing else will finish to share a get-bulk with: collect what waits, now.
+        ctx.repo.end_collect_delay()
     to_collect = ctx.repo.expired_leases(
         ItemStatus.COLLECTING, tuning.lease_seconds, tuning.max_dispatches
     )
