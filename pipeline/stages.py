@@ -412,13 +412,18 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         report.poll = poll_jobs(ctx, state)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
-    in_flight = ctx.repo.in_flight_count()
-    if in_flight == 0:
+    if ctx.repo.in_flight_count() == 0:
         # Nothing else will finish to share a get-bulk with: collect what waits, now.
         ctx.repo.end_collect_delay()
     to_collect = ctx.repo.expired_leases(
         ItemStatus.COLLECTING, tuning.lease_seconds, tuning.max_dispatches
     )
+    if to_collect:
+        # The oldest finished item has waited long enough: take everyone waiting with it.
+        ctx.repo.end_collect_delay()
+        to_collect += ctx.repo.expired_leases(
+            ItemStatus.COLLECTING, tuning.lease_seconds, tuning.max_dispatches
+        )
     for start in range(0, len(to_collect), tuning.collect_batch):
         ctx.dispatch.collect(to_collect[start : start + tuning.collect_batch])
     report.collected = len(to_collect)
