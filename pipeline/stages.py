@@ -69,6 +69,7 @@ class Tuning:
     list_overlap: float = 10.0  # updatedAfter margin for clock skew and late writes
     list_max_pages: int = 10  # beyond this, fall back to per-job polls for due jobs
     direct_polls_per_tick: int = 25
+    straggler_default: float = 20.0  # a job the list never showed gets its own GET after 3x
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
     collect_batch: int = 25  # items per collect task (one get-bulk for all their assets)
@@ -316,27 +317,39 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
         mark = newest_update - timedelta(seconds=ctx.tuning.list_overlap)
         if mark > watermark:
             ctx.repo.set_cursor(cursor_key, mark.isoformat())
-    if not list_ok:
-        for j in due[: ctx.tuning.direct_polls_per_tick]:
-            if j.scenario_job_id in seen:
-                continue
-            try:
-                seen[j.scenario_job_id] = ctx.client.get_job(j.scenario_job_id)
-                report.direct_calls += 1
-            except (TransientError, ApiPermanentError) as exc:
-                logger.warning("poll of job %s failed: %s", j.scenario_job_id, exc)
+    # Per-job GETs where the list cannot be trusted: it failed, or a job it never showed
+    # is long overdue (a job type the list filter does not cover, an eventually consistent
+    # index). Their own backoff schedule keeps these rare.
+    direct = [
+        j
+        for j in due
+        if j.scenario_job_id not in seen and (not list_ok or _straggling(ctx, state, j, now))
+    ]
+    attempted = {j.scenario_job_id for j in direct[: ctx.tuning.direct_polls_per_tick]}
+    for job_id in attempted:
+        try:
+            seen[job_id] = ctx.client.get_job(job_id)
+            report.direct_calls += 1
+        except (TransientError, ApiPermanentError) as exc:
+            logger.warning("poll of job %s failed: %s", job_id, exc)
     schedule: dict[int, datetime] = {}
     for j in jobs:
         polled = seen.get(j.scenario_job_id)
         if polled is not None and _apply(ctx, j, polled, report):
             continue
-        if polled is None and not list_ok:
-            continue
+        if polled is None and not list_ok and j.scenario_job_id not in attempted:
+            continue  # still due: polled on the next tick
         expected = state.expected(ctx, j.model)
         elapsed = (now - j.accepted_at).total_seconds()
         schedule[j.row_id] = now + timedelta(seconds=next_poll_in(elapsed, expected, j.polls))
     ctx.repo.schedule_polls(schedule, polled=True)
     return report
+
+
+def _straggling(ctx: Context, state: SweeperState, job: InFlightJob, now: datetime) -> bool:
+    """A job running three times longer than its model's jobs usually take."""
+    expected = state.expected(ctx, job.model) or ctx.tuning.straggler_default
+    return (now - job.accepted_at).total_seconds() > 3 * expected
 
 
 def _apply(ctx: Context, row: InFlightJob, job: Job, report: PollReport) -> bool:

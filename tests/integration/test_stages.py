@@ -6,6 +6,7 @@ run it twice, or lose it, the way a broker does on a bad night.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
@@ -301,3 +302,28 @@ def test_stored_bytes_are_never_overwritten_and_the_new_asset_is_named(
     (asset_id,) = sandbox.stats()["images"]
     assert asset_id in error and "{seed}" in error
     assert ctx.storage.verify("stages/item-0/0.png", existing.sha256)  # the old bytes stay
+
+
+def test_a_job_the_list_never_shows_is_found_by_its_own_polls(
+    ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E.g. a tool model whose jobs have another jobType than the list filter asks for."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, straggler_default=0.2)
+    run_id = record(ctx, ["hidden from the list", "listed"])
+    hidden: set[str] = set()
+    iter_jobs = ctx.client.iter_jobs
+
+    def without_hidden(**kwargs: Any) -> Any:
+        for job in iter_jobs(**kwargs):
+            if job.input.get("prompt") == "hidden from the list":
+                hidden.add(job.id)
+                continue
+            yield job
+
+    monkeypatch.setattr(ctx.client, "iter_jobs", without_hidden)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "succeeded"
+    assert hidden  # the list really did hide it
+    requests = sandbox.stats()["requests"]
+    assert 1 <= requests.get("GET /jobs/{jobId}", 0) <= 6
