@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from pipeline import db
+from pipeline.errors import DatabaseTransientError
 from pipeline.keys import compute_item_key
 from pipeline.models import ItemStatus
 from pipeline.repository import NewItem, Repository
@@ -327,3 +329,39 @@ def test_a_job_the_list_never_shows_is_found_by_its_own_polls(
     assert hidden  # the list really did hide it
     requests = sandbox.stats()["requests"]
     assert 1 <= requests.get("GET /jobs/{jobId}", 0) <= 6
+
+
+def test_transient_database_errors_delay_items_but_lose_none(
+    ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database blips while outputs are recorded and while a job id is written."""
+    run_id = record(ctx, ["blip one", "blip two"])
+    failures = {"record_output": 2, "record_submitted": 1}
+
+    def flaky(name: str) -> Any:
+        original = getattr(ctx.repo, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if failures[name] > 0:
+                failures[name] -= 1
+                raise DatabaseTransientError("database error: server closed the connection")
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in failures:
+        monkeypatch.setattr(ctx.repo, name, flaky(name))
+    real_submit = submit_item
+
+    def submit_as_the_task_does(c: Context, item_id: int) -> str:
+        try:
+            return real_submit(c, item_id)
+        except DatabaseTransientError:
+            return "deferred"  # tasks.submit: the lease expires and the sweeper retries
+
+    monkeypatch.setattr(sys.modules[__name__], "submit_item", submit_as_the_task_does)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    report = ctx.repo.run_report(run_id)
+    assert report is not None and report["status"] == "succeeded"
+    assert failures == {"record_output": 0, "record_submitted": 0}
+    assert sandbox.stats()["jobs_created"] == 2  # the unrecorded job was reconciled, not redone
