@@ -45,10 +45,9 @@ from pipeline.errors import (
     AuthError,
     DownloadIncomplete,
     PipelineError,
-    TransientError,
 )
 from pipeline.governor import Governor, NullGovernor
-from pipeline.retry import Backoff
+from pipeline.retry import Backoff, call_with_retry
 
 logger = logging.getLogger(__name__)
 
@@ -393,20 +392,20 @@ class ScenarioClient:
         before_send: Callable[[], None] | None = None,
     ) -> httpx.Response:
         """A request, retried on transient errors when `retry` and a read policy is set."""
-        policy = self._read_retry if retry else None
-        attempt = 1
-        while True:
-            try:
-                return self._send_once(
-                    method, path, params=params, json=json, before_send=before_send
-                )
-            except TransientError as exc:
-                if policy is None or policy.exhausted(attempt):
-                    raise
-                wait = policy.delay(attempt, retry_after=exc.retry_after)
-                logger.info("%s (attempt %d); retrying in %.1fs", exc, attempt, wait)
-                self._sleep(wait)
-                attempt += 1
+
+        def send() -> httpx.Response:
+            return self._send_once(method, path, params=params, json=json, before_send=before_send)
+
+        if not retry or self._read_retry is None:
+            return send()
+        return call_with_retry(
+            send,
+            backoff=self._read_retry,
+            sleep=self._sleep,
+            on_retry=lambda attempt, exc, wait: logger.info(
+                "%s (attempt %d); retrying in %.1fs", exc, attempt, wait
+            ),
+        )
 
     def _json(self, method: str, path: str, response: httpx.Response) -> dict[str, Any]:
         try:
