@@ -13,7 +13,6 @@
     └── PermanentError           retrying cannot help
         ├── ApiPermanentError    400, 403, 404, 409, 422 with the API's message
         │   └── AuthError        401 (or 403 on the API itself): stops the run
-        ├── JobFailed            Scenario reported the job as `failure`
         ├── StorageConflict      an object exists at the key with different bytes
         └── ChecksumMismatch     stored bytes do not match the computed sha256
 
@@ -119,14 +118,6 @@ class StorageTransientError(TransientError):
 
 class DatabaseTransientError(TransientError):
     """The database is failing for now."""
-
-
-class JobFailed(PermanentError):
-    """The Scenario job failed."""
-
-    def __init__(self, message: str | None = None, *, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 class StorageConflict(PermanentError):

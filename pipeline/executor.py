@@ -246,8 +246,7 @@ class Executor:
         interval: float = 0.25,
     ) -> dict[str, Any]:
         """Block until the run is final; returns its report."""
-        while True:
-            self.ctx.repo.refresh_runs()
+        while True:  # the run's status is derived by the sweeper (ours or another's)
             if on_progress is not None:
                 on_progress(self.progress(run_id))
             if self.ctx.repo.run_status(run_id) != RunStatus.RUNNING:

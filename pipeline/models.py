@@ -151,7 +151,6 @@ class RunRow(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     manifest_id: Mapped[int] = mapped_column(ForeignKey("manifests.id"), index=True)
-    parent_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"))
     trigger: Mapped[str] = mapped_column(String(20))  # run | retry
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), index=True)
     force: Mapped[bool] = mapped_column(default=False)

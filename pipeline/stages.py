@@ -475,32 +475,24 @@ class Sweeper:
         self.ctx = ctx
         self.state = SweeperState(api_host=urlsplit(api_url).netloc)
         self._stop = threading.Event()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_error: str | None = None
 
     def tick(self) -> TickReport:
         try:
-            report = sweep(self.ctx, self.state)
-            self.last_error = None
-            return report
+            return sweep(self.ctx, self.state)
         except TransientError as exc:
-            self.last_error = str(exc)
             logger.warning("sweep failed, will retry: %s", exc)
             return TickReport()
-
-    def wake(self) -> None:
-        """Ring the doorbell: run the next tick now."""
-        self._wake.set()
 
     def run(self) -> None:
         while not self._stop.is_set():
             report = self.tick()
             busy = report.submitted or report.collected or report.poll.list_calls
-            self._wake.wait(self.ctx.tuning.tick / 5 if busy else self.ctx.tuning.tick)
-            self._wake.clear()
-        if self.state.api_host:
+            self._stop.wait(self.ctx.tuning.tick / 5 if busy else self.ctx.tuning.tick)
+        try:  # let another sweeper take over at once rather than after the lease
             self.ctx.repo.release_lease(SWEEPER_LEASE, self.ctx.worker)
+        except TransientError as exc:
+            logger.warning("could not release the sweeper lease: %s", exc)
 
     def start(self) -> Sweeper:
         self._thread = threading.Thread(target=self.run, name="pipeline-sweeper", daemon=True)
@@ -509,7 +501,6 @@ class Sweeper:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -47,7 +47,6 @@ def upgrade() -> None:
     op.create_table('runs',
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('manifest_id', sa.Integer(), nullable=False),
-    sa.Column('parent_run_id', sa.String(length=40), nullable=True),
     sa.Column('trigger', sa.String(length=20), nullable=False),
     sa.Column('status', sa.Enum('running', 'succeeded', 'failed', 'canceled', name='run_status', native_enum=False, length=16), nullable=False),
     sa.Column('force', sa.Boolean(), nullable=False),
@@ -60,7 +59,6 @@ def upgrade() -> None:
     sa.Column('deadline_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['manifest_id'], ['manifests.id'], name=op.f('fk_runs_manifest_id_manifests')),
-    sa.ForeignKeyConstraint(['parent_run_id'], ['runs.id'], name=op.f('fk_runs_parent_run_id_runs')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_runs'))
     )
     with op.batch_alter_table('runs', schema=None) as batch_op:
