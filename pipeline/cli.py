@@ -7,6 +7,7 @@ Exit codes (interface.md): 0 success; 1 a failed or canceled item (or not found)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -23,7 +24,7 @@ import typer
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
-from pipeline import db, gallery
+from pipeline import db, gallery, reports
 from pipeline.errors import (
     AuthError,
     ConfigError,
@@ -355,7 +356,7 @@ def status(
     """Show a run (default: the latest) with the state of each item."""
     with _repository() as repo:
         run_id = run_id or repo.latest_run_id()
-        report = repo.run_report(run_id) if run_id else None
+        report = reports.run_report(repo, run_id) if run_id else None
         if report is None:
             raise Exit(EXIT_FAILED, f"no run {run_id}" if run_id else "no runs recorded yet")
     if as_json:
@@ -395,7 +396,7 @@ def gallery_command(
     """Write a run's images as an HTML contact sheet (runs/RUN_ID.html by default)."""
     with _repository() as repo:
         run_id = run_id or repo.latest_run_id()
-        report = repo.run_report(run_id) if run_id else None
+        report = reports.run_report(repo, run_id) if run_id else None
         if report is None:
             raise Exit(EXIT_FAILED, f"no run {run_id}" if run_id else "no runs recorded yet")
     page = gallery.write(report, output or Path("runs") / f"{report['run_id']}.html")
@@ -404,27 +405,33 @@ def gallery_command(
 
 @app.command()
 def lineage(
-    ref: str = typer.Argument(..., help="A storage key or URI, sha256, asset id or job id."),
+    ref: str = typer.Argument(
+        ...,
+        help="A local file (any copy, found by its bytes), storage key or URI, sha256, "
+        "asset id or job id.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Trace a stored file back to its run, manifest, item, seed, model, job and asset."""
+    """Trace a stored file back through its recipe chain to its run, manifest and item."""
     from pipeline.storage import open_storage
 
     with _repository() as repo:
         settings = _settings()
-        candidates: list[str] = []
         path = Path(ref)
-        if path.exists():  # a local file: match it by its file:// URI
-            candidates.append(path.resolve().as_uri())
-        try:
-            storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
-            for uri in [ref, *candidates]:
-                key = storage.key_from_uri(uri)
+        if path.is_file():
+            # A local file, wherever it was copied to and however renamed: its bytes say
+            # which stored object (and which version of it) it is.
+            refs = [_sha256_of(path)]
+        else:
+            refs = [ref]
+            try:
+                storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+                key = storage.key_from_uri(ref)
                 if key:
-                    candidates.append(key)
-        except PipelineError:
-            pass
-        docs = repo.lineage(ref, candidates)
+                    refs.append(key)
+            except PipelineError:
+                pass
+        docs = reports.lineage(repo, refs)
     if as_json:
         _print_json({"ref": ref, "found": len(docs), "matches": docs})
     elif docs:
@@ -434,29 +441,63 @@ def lineage(
         raise Exit(EXIT_FAILED, None if as_json else f"{ref}: not found in the lineage database")
 
 
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise Exit(EXIT_INVALID, f"{path}: cannot read: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
 def _print_lineage(doc: dict[str, Any]) -> None:
     out = Console(highlight=False)
-    o, it, job, asset = doc["object"], doc["item"], doc["job"], doc["asset"]
+    o, it, asset = doc["object"], doc["item"], doc["asset"]
+    state = "" if o.get("current", True) else "  (superseded: a newer version is at this key)"
     lines = [
-        f"[bold]{o['uri']}[/bold]",
+        f"[bold]{o['uri']}[/bold]{state}",
         f"  sha256     {o['sha256']}  ({o['bytes']} bytes)",
-        f"  run        {doc['run']['id']} ({doc['run']['status']}, {doc['run']['created_at']})",
-        f"  manifest   {doc['manifest']['name']}  {doc['manifest']['path']}"
-        f"  sha256 {doc['manifest']['sha256'][:12]}",
+        f"  asset      {asset['id']} ({asset['width']}x{asset['height']})",
+    ]
+    for step in reversed(doc.get("chain", [])):
+        job = step["job"] or {}
+        label = "generation" if step["step"] == 0 else f"step {step['step']}"
+        via = "" if step["endpoint"] == "custom" else f" via /generate/{step['endpoint']}"
+        reused = ", reused from an earlier run" if step["reused"] else ""
+        cost = job.get("creative_units")
+        lines.append(
+            f"  {'<-':<3}{label:<11}{step['model']}{via}  job {job.get('id')}"
+            + (f" ({cost} CU{reused})" if cost is not None else f" ({reused.lstrip(', ')})")
+        )
+        params = {k: v for k, v in step["params"].items() if k not in ("prompt", "seed")}
+        if params:
+            lines.append(f"  {'':<14}params {json.dumps(params, sort_keys=True)}")
+        if step["input_asset"]:
+            lines.append(f"  {'':<14}input  {step['input_asset']}")
+    lines += [
         f"  item       {it['id']} (line {it['line']})  item_key {it['item_key'][:16]}",
         f"  prompt     {it['prompt']}",
         f"  seed       {it['seed']}",
         f"  model      {it['model']}"
         + (f"  trained {it['trained_model']}" if it["trained_model"] else ""),
-        f"  params     {json.dumps(it['params'], sort_keys=True)}",
-        f"  job        {job['id']} (attempt {job['attempt']}, {job['creative_units']} CU)",
-        f"  asset      {asset['id']} (output {asset['index']}, {asset['width']}x{asset['height']})",
+        f"  manifest   {doc['manifest']['name']}  {doc['manifest']['path']}"
+        f"  sha256 {doc['manifest']['sha256'][:12]}",
+        f"  run        {doc['run']['id']} ({doc['run']['status']}, {doc['run']['created_at']})",
     ]
     lines += [f"  input      {i['role']}: {i['path']} -> {i['asset_id']}" for i in doc["inputs"]]
+    if len(doc.get("versions", [])) > 1:
+        lines.append(f"  versions   {len(doc['versions'])} at this key:")
+        lines += [
+            f"             {v['stored_at']}  sha256 {v['sha256'][:16]}  asset {v['asset_id']}"
+            f"  run {v['run_id']}"
+            for v in doc["versions"]
+        ]
     if o.get("public_url"):
         lines.append(f"  public     {o['public_url']}")
     for line in lines:
-        out.print(line)
+        out.print(line, markup=line.startswith("[bold]"))
 
 
 # -- processes ---------------------------------------------------------------------------

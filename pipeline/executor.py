@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline import db, runtime
+from pipeline import db, reports, runtime
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.manifest import ItemSpec, Manifest
 from pipeline.models import RunStatus
@@ -77,34 +77,51 @@ class Executor:
     # -- manifests and runs ---------------------------------------------------------------
 
     def _upload_inputs(self, manifest: Manifest) -> dict[str, tuple[int, str]]:
-        """Upload each distinct input file once; reuse asset ids recorded earlier."""
+        """Upload each distinct input file once; reuse asset ids recorded earlier.
+
+        A recorded asset may have vanished since (deleted, another project, a restarted
+        sandbox): one get-bulk checks them all, and a missing one is uploaded again.
+        """
         api_host = urlsplit(self.settings.api_url).netloc
+        files = {f.sha256: f for item in manifest.items for f in item.input_files}
+        if not files:
+            return {}
+        known = {
+            sha: found
+            for sha, found in self.ctx.repo.find_input_assets(api_host).items()
+            if sha in files
+        }
+        alive: set[str] = set()
+        if known:
+            wanted = sorted({asset for _, asset in known.values()})
+            alive = {a.id for a in self.ctx.client.get_assets(wanted)}
         uploaded: dict[str, tuple[int, str]] = {}
-        for item in manifest.items:
-            for f in item.input_files:
-                if f.sha256 in uploaded:
-                    continue
-                known = self.ctx.repo.find_input_asset(f.sha256, api_host)
-                if known is None:
-                    asset_id = self.ctx.client.upload_image(
-                        f.path.read_bytes(), f.path.name, f.mime_type
-                    )
-                    row_id = self.ctx.repo.record_input_asset(
-                        asset_id, f.sha256, api_host, f.mime_type
-                    )
-                    known = (row_id, asset_id)
-                    logger.info("uploaded %s as %s", f.path, asset_id)
-                uploaded[f.sha256] = known
+        for sha, f in files.items():
+            if sha in known and known[sha][1] in alive:
+                uploaded[sha] = known[sha]
+                continue
+            if sha in known:
+                logger.info(
+                    "input %s: asset %s no longer exists; uploading again", f.path, known[sha][1]
+                )
+            asset_id = self.ctx.client.upload_image(f.path.read_bytes(), f.path.name, f.mime_type)
+            row_id = self.ctx.repo.record_input_asset(asset_id, sha, api_host, f.mime_type)
+            uploaded[sha] = (row_id, asset_id)
+            logger.info("uploaded %s as %s", f.path, asset_id)
         return uploaded
 
     def dry_run(self, manifest: Manifest) -> dict[str, Any]:
-        """Ask the API what the manifest would cost (dryRun=true); nothing runs."""
+        """Ask the API what the manifest's generations would cost (dryRun=true); nothing runs.
+
+        Recipe steps run on outputs that do not exist yet, so they cannot be priced here.
+        """
         uploaded = self._upload_inputs(manifest)
         asset_ids = {sha: asset for sha, (_, asset) in uploaded.items()}
         total = 0.0
         per_item = {}
         for item in manifest.items:
-            cost = self.ctx.client.dry_run(manifest.model, item.request_body(manifest, asset_ids))
+            body = item.request_body(manifest, asset_ids)
+            cost = self.ctx.client.dry_run(manifest.model, body, item.endpoint)
             per_item[item.id] = cost
             total += cost
         return {
@@ -112,6 +129,7 @@ class Executor:
             "items": len(manifest.items),
             "creative_units": round(total, 4),
             "per_item": per_item,
+            "unpriced_steps": sum(len(item.steps) for item in manifest.items),
         }
 
     def start_run(
@@ -124,15 +142,19 @@ class Executor:
     ) -> str:
         """Upload inputs, decide skips, and record the run and its items (one transaction)."""
         repo, storage = self.ctx.repo, self.ctx.storage
+        self._refuse_overwrites(manifest)
         uploaded = self._upload_inputs(manifest)
         asset_ids = {sha: asset for sha, (_, asset) in uploaded.items()}
-        self._refuse_overwrites(manifest)
         stored = {} if force else repo.find_stored_outputs(i.item_key for i in manifest.items)
         items = []
         for spec in manifest.items:
             outputs = stored.get(spec.item_key)
             skip_from = None
-            if outputs and all(storage.verify(o.key, o.sha256) for o in outputs):
+            if outputs and all(
+                o.key == manifest.output_key(spec, o.index, o.key.rpartition(".")[2])
+                and storage.verify(o.key, o.sha256)
+                for o in outputs
+            ):
                 skip_from = outputs[0].item_id
             items.append(self._new_item(manifest, spec, asset_ids, uploaded, skip_from))
         return repo.record_run(
@@ -151,24 +173,42 @@ class Executor:
         )
 
     def _refuse_overwrites(self, manifest: Manifest) -> None:
-        """Refuse, before paying, a run whose new images would land on keys holding others.
+        """Refuse, before paying, a run whose images would land on another item's files.
 
-        Stored objects are never overwritten with different bytes (CDN caches keep them a
-        year); a changed prompt or seed needs a key template that tells variants apart.
+        An item's own keys are replaced by its new outputs when it changed (the old version
+        stays in lineage), unless the manifest says `overwrite: never`. Keys holding the
+        output of a different item (another manifest, or another item id) are never taken.
         """
         planned = {
-            manifest.output_key(spec, index): (n, spec)
+            key: (n, spec)
             for n, spec in enumerate(manifest.items)
-            for index in range(spec.num_outputs)
+            for _step, _index, key in manifest.planned_keys(spec)
         }
         owners = self.ctx.repo.key_owners(planned)
-        problems = [
-            f"{manifest.path}:{spec.line}: items[{n}].output: {key} already holds the output "
-            f"of a different item_key ({owners[key][:12]}); put {{item_key}} or {{seed}} in "
-            "`output` so that variants get their own keys, or delete the stored object"
-            for key, (n, spec) in planned.items()
-            if key in owners and owners[key] != spec.item_key
-        ]
+        problems = []
+        for key, (n, spec) in planned.items():
+            owner = owners.get(key)
+            if owner is None:
+                continue
+            same_item = (owner.manifest, owner.item) == (manifest.name, spec.id)
+            if same_item and manifest.overwrite != "never":
+                continue
+            if same_item and owner.item_key == spec.item_key:
+                continue  # the same output again: nothing would change
+            if same_item:
+                problems.append(
+                    f"{manifest.path}:{spec.line}: items[{n}].output: {key} already holds an "
+                    f"earlier version of this item (asset {owner.asset_id}) and the manifest "
+                    "says `overwrite: never`; put {item_key} or {seed} in `output`, or allow "
+                    "replacing"
+                )
+            else:
+                problems.append(
+                    f"{manifest.path}:{spec.line}: items[{n}].output: {key} already holds the "
+                    f"output of item {owner.item!r} of manifest {owner.manifest!r}; give this "
+                    "item its own keys (`output` with {manifest} and {item}), or delete that "
+                    "object"
+                )
         if problems:
             raise ManifestError(problems)
 
@@ -182,6 +222,14 @@ class Executor:
     ) -> NewItem:
         roles = [("image", spec.image)] if spec.image else []
         roles += [(f"referenceImages[{i}]", f) for i, f in enumerate(spec.reference_images)]
+        recipe = {
+            "steps": [
+                step.settings() | {"output": step.output, "expected_outputs": step.expected_outputs}
+                for step in spec.steps
+            ],
+            "output": manifest.output,
+            "overwrite": manifest.overwrite,
+        }
         return NewItem(
             manifest_item_id=spec.id,
             line=spec.line,
@@ -191,9 +239,11 @@ class Executor:
             model=manifest.model,
             trained_model=manifest.trained_model,
             params=spec.params,
+            endpoint=spec.endpoint,
             body=spec.request_body(manifest, asset_ids),
-            num_outputs=spec.num_outputs,
-            output_template=manifest.output,
+            generation_key=spec.generation_key,
+            generation_outputs=spec.generation_outputs,
+            recipe=recipe,
             inputs=[(role, str(f.path), f.sha256, uploaded[f.sha256][0]) for role, f in roles],
             skipped_from_id=skip_from,
         )
@@ -233,7 +283,7 @@ class Executor:
         return self.ctx.repo.run_progress(run_id)
 
     def report(self, run_id: str) -> dict[str, Any]:
-        doc = self.ctx.repo.run_report(run_id)
+        doc = reports.run_report(self.ctx.repo, run_id)
         if doc is None:
             raise ConfigError(f"no run {run_id}")
         return doc

@@ -28,11 +28,11 @@ from typing import Any
 
 ITEM_KEY_VERSION = 1
 
-PLACEHOLDERS = frozenset({"manifest", "item", "index", "seed", "item_key", "ext"})
+PLACEHOLDERS = frozenset({"manifest", "item", "index", "seed", "item_key", "ext", "step"})
 DEFAULT_TEMPLATE = "{manifest}/{item}/{index}.{ext}"
 
 # Only integer fields may be padded, and only with zeros: a space-padded key is a trap.
-_INT_FIELDS = frozenset({"index", "seed"})
+_INT_FIELDS = frozenset({"index", "seed", "step"})
 _PAD_SPEC = re.compile(r"(?:0[1-9][0-9]?)?d?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -86,6 +86,64 @@ def compute_item_key(
     return hashlib.sha256(canonical_json(document).encode("ascii")).hexdigest()
 
 
+def compute_generation_key(
+    *,
+    model: str,
+    endpoint: str,
+    trained_model: str | None,
+    seed: int,
+    params: Mapping[str, Any],
+    prompt: str | None,
+    input_hashes: Sequence[tuple[str, str]],
+) -> str:
+    """The node key of an item's first (generation) step.
+
+    For the default endpoint it is the item key of a recipe-less item, so outputs recorded
+    before recipes existed are still found.
+    """
+    key = compute_item_key(
+        model=model,
+        trained_model=trained_model,
+        seed=seed,
+        params=params,
+        prompt=prompt,
+        input_hashes=input_hashes,
+    )
+    if endpoint == "custom":
+        return key
+    return _sha({"v": ITEM_KEY_VERSION, "generation": key, "endpoint": endpoint})
+
+
+def compute_step_key(
+    *, model: str, endpoint: str, params: Mapping[str, Any], prompt: str | None, input_asset: str
+) -> str:
+    """The node key of a recipe step: its model, endpoint and params, and its input asset.
+
+    The input is named by Scenario's asset id: a step is reused only when it would run on
+    the very same image, which holds when its parent node was itself reused.
+    """
+    document = {
+        "v": ITEM_KEY_VERSION,
+        "model": model,
+        "endpoint": endpoint,
+        "params": dict(params),
+        "prompt": prompt,
+        "input": input_asset,
+    }
+    return _sha(document)
+
+
+def compute_recipe_key(generation_key: str, steps: Sequence[Mapping[str, Any]]) -> str:
+    """An item's key when it has recipe steps: its generation and every step's settings."""
+    if not steps:
+        return generation_key
+    return _sha({"v": ITEM_KEY_VERSION, "generation": generation_key, "steps": list(steps)})
+
+
+def _sha(document: Any) -> str:
+    return hashlib.sha256(canonical_json(document).encode("ascii")).hexdigest()
+
+
 def template_fields(template: str) -> list[tuple[str, str, str | None]]:
     """Return (field, format_spec, conversion) for each placeholder; ValueError if malformed."""
     fields = []
@@ -116,7 +174,7 @@ def validate_template(template: str, *, max_outputs: int = 1) -> list[str]:
         if spec and (field not in _INT_FIELDS or not _PAD_SPEC.fullmatch(spec)):
             problems.append(
                 f"format spec ':{spec}' is not allowed on {{{field}}}; "
-                "only {index} and {seed} take a zero padding such as ':03d'"
+                "only {index}, {seed} and {step} take a zero padding such as ':03d'"
             )
     if "\\" in template:
         problems.append("must not contain a backslash; storage keys use '/'")
@@ -141,7 +199,7 @@ def validate_template(template: str, *, max_outputs: int = 1) -> list[str]:
 
 def sorted_placeholders() -> list[str]:
     """The allowed placeholders in documentation order, written as `{name}`."""
-    order = ["manifest", "item", "index", "seed", "item_key", "ext"]
+    order = ["manifest", "item", "index", "seed", "item_key", "ext", "step"]
     return ["{" + name + "}" for name in order]
 
 
@@ -154,6 +212,7 @@ def render_key(
     seed: int,
     item_key: str,
     ext: str,
+    step: int = 0,
 ) -> str:
     """Render an output key template (validated beforehand) for one output."""
     return template.format(
@@ -163,6 +222,7 @@ def render_key(
         seed=seed,
         item_key=item_key,
         ext=ext.lstrip("."),
+        step=step,
     )
 
 

@@ -7,7 +7,16 @@
     trained_model: model_abc123    optional: a trained style/LoRA, sent as body.modelId
     seed: 42                       required integer 0..2**53-1; items may override it
     params: {...}                  model inputs passed through as the API names them
-    output: "{manifest}/{item}/{index}.{ext}"   storage key template (see pipeline.keys)
+    endpoint: custom               optional: custom -> POST /generate/custom/{model}; txt2img,
+                                   img2img, ... -> POST /generate/{endpoint}, model as modelId
+    steps:                         optional recipe: each step runs on every output of the one
+      - model: model_photoroom-background-removal    before it, its input sent as the asset id
+        params: {...}              the step's inputs (`image` is set by the pipeline)
+        endpoint: custom           optional, as above
+        output: "..."              optional: store this intermediate step's outputs too
+    output: "{manifest}/{item}/{index}.{ext}"   storage key template of the final outputs
+    overwrite: replace             replace (default): a changed item's new outputs replace its
+                                   files; never: refuse, as before recipes
     items:                         non-empty list
       - id: iron-sword             required slug, unique in the manifest
         prompt: "..."              required, except for tool models (TOOL_MODELS)
@@ -16,6 +25,7 @@
         image: refs/shield.png     local file relative to the manifest, sent as body.image
         reference_images: [a.png]  local files, sent as body.referenceImages
         tags: [weapon]             optional labels, not sent and not part of the item key
+        steps: [...]               optional: replaces the manifest's steps for this item
 
 Rules beyond the types: unknown keys are errors; types are strict (`seed: "42"` is an
 error); `params` may not set `prompt`, `seed`, `modelId`, `image` or `referenceImages`
@@ -49,7 +59,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline.errors import ManifestError
 from pipeline.keys import (
     DEFAULT_TEMPLATE,
-    compute_item_key,
+    compute_generation_key,
+    compute_recipe_key,
     find_key_collisions,
     render_key,
     uses_index,
@@ -73,6 +84,42 @@ RESERVED_PARAMS = {
     "image": "image",
     "referenceImages": "reference_images",
 }
+STEP_RESERVED_PARAMS = {**RESERVED_PARAMS, "image": "the previous step's output"}
+# POST /generate/{endpoint} types that make images (from the Swagger); custom is the default.
+ENDPOINTS = frozenset(
+    {
+        "custom",
+        "txt2img",
+        "img2img",
+        "controlnet",
+        "controlnet-img2img",
+        "controlnet-inpaint",
+        "controlnet-inpaint-ip-adapter",
+        "controlnet-ip-adapter",
+        "controlnet-texture",
+        "generative-fill",
+        "img2img-ip-adapter",
+        "img2img-texture",
+        "inpaint",
+        "inpaint-ip-adapter",
+        "patch",
+        "pixelate",
+        "reframe",
+        "remove-background",
+        "restyle",
+        "skybox-base-360",
+        "skybox-upscale-360",
+        "texture",
+        "txt2img-ip-adapter",
+        "txt2img-texture",
+        "upscale",
+        "vectorize",
+    }
+)
+OVERWRITE_MODES = ("replace", "never")
+MAX_ITEM_OUTPUTS = 1024  # outputs of one item across its recipe's fan-out
+MAX_SAMPLES = 128  # numSamples bounds of /generate/{inferenceType}
+INFERENCE_DEFAULT_SAMPLES = 4  # the API's numSamples default
 MAX_SEED = 2**53 - 1  # the API's seeds are JSON numbers: stay exactly representable
 MAX_OUTPUTS = 8  # numOutputs bounds in the Swagger file
 SLUG_RULE = "must be a slug: lowercase letters, digits and single dashes"
@@ -97,6 +144,38 @@ class InputFile:
 
 
 @dataclass(frozen=True)
+class StepSpec:
+    """One recipe step: a model run on each output of the step before it."""
+
+    model: str
+    endpoint: str
+    params: dict[str, Any] = field(hash=False)
+    prompt: str | None
+    output: str | None  # key template; None: outputs are not stored (intermediate steps)
+    line: int
+    expected_outputs: int
+
+    def request_body(self, input_asset: str) -> dict[str, Any]:
+        """The JSON body of this step run on one input asset."""
+        body = copy.deepcopy(self.params)
+        if self.prompt is not None:
+            body["prompt"] = self.prompt
+        if self.endpoint != "custom":
+            body["modelId"] = self.model
+        body["image"] = input_asset
+        return body
+
+    def settings(self) -> dict[str, Any]:
+        """What decides this step's outputs, besides its input (for keys)."""
+        return {
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "params": self.params,
+            "prompt": self.prompt,
+        }
+
+
+@dataclass(frozen=True)
 class ItemSpec:
     """One expanded item: what to send, and the key that identifies its output."""
 
@@ -107,9 +186,13 @@ class ItemSpec:
     params: dict[str, Any] = field(hash=False)  # hash=False: keeps specs usable in sets
     image: InputFile | None
     reference_images: tuple[InputFile, ...]
-    item_key: str
-    num_outputs: int
+    item_key: str  # the whole recipe's identity (the generation key when it has no steps)
+    num_outputs: int  # final outputs: the product of every step's outputs
     tags: tuple[str, ...] = ()
+    endpoint: str = "custom"
+    generation_key: str = ""  # the first node's key
+    generation_outputs: int = 1
+    steps: tuple[StepSpec, ...] = ()
 
     @property
     def input_files(self) -> tuple[InputFile, ...]:
@@ -129,7 +212,9 @@ class ItemSpec:
         if self.prompt is not None:
             body["prompt"] = self.prompt
         body["seed"] = self.seed
-        if manifest.trained_model is not None:
+        if self.endpoint != "custom":
+            body["modelId"] = manifest.model
+        elif manifest.trained_model is not None:
             body["modelId"] = manifest.trained_model
         if self.image is not None:
             body["image"] = asset(self.image)
@@ -153,6 +238,7 @@ class Manifest:
     text: str
     items: tuple[ItemSpec, ...]
     description: str | None = None
+    overwrite: str = "replace"
     lines: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
     _by_id: dict[str, ItemSpec] = field(init=False, repr=False, compare=False)
 
@@ -167,22 +253,47 @@ class Manifest:
             raise KeyError(f"manifest {self.name!r} has no item {item_id!r}") from None
 
     def output_key(self, item: ItemSpec, index: int, ext: str = "png") -> str:
-        """The storage key of one output of an item."""
-        if index < 0 or (index > 0 and not uses_index(self.output)):
-            raise ValueError(f"output index {index} is out of range for template {self.output!r}")
+        """The storage key of one final output of an item."""
+        template = self.output
+        if index < 0 or (index > 0 and not uses_index(template)):
+            raise ValueError(f"output index {index} is out of range for template {template!r}")
         return render_key(
-            self.output,
+            template,
             manifest=self.name,
             item=item.id,
             index=index,
             seed=item.seed,
             item_key=item.item_key,
             ext=ext,
+            step=len(item.steps),
         )
+
+    def planned_keys(self, item: ItemSpec, ext: str = "png") -> list[tuple[int, int, str]]:
+        """(step, index, key) of every output the item stores, intermediate steps included."""
+        keys = []
+        count = item.generation_outputs
+        for number, step in enumerate(item.steps, start=1):
+            count *= step.expected_outputs
+            if step.output is not None and number < len(item.steps):
+                keys += [
+                    (number, index, step_key(self, item, step.output, number, index, ext))
+                    for index in range(count)
+                ]
+        final = len(item.steps)
+        keys += [(final, index, self.output_key(item, index, ext)) for index in range(count)]
+        return keys
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _StepModel(_Strict):
+    model: str
+    endpoint: str = "custom"
+    params: dict[str, Any] = {}
+    prompt: str | None = None
+    output: str | None = None
 
 
 class _ItemModel(_Strict):
@@ -193,6 +304,7 @@ class _ItemModel(_Strict):
     image: str | None = None
     reference_images: list[str] = []
     tags: list[str] = []
+    steps: list[_StepModel] | None = None
 
 
 class _ManifestModel(_Strict):
@@ -200,20 +312,47 @@ class _ManifestModel(_Strict):
     name: str
     description: str | None = None
     model: str
+    endpoint: str = "custom"
     trained_model: str | None = None
     seed: int
     params: dict[str, Any] = {}
+    steps: list[_StepModel] = []
     output: str = DEFAULT_TEMPLATE
+    overwrite: str = "replace"
     items: list[_ItemModel]
 
 
-def expected_outputs(model: str, params: Mapping[str, Any]) -> int:
+def expected_outputs(model: str, params: Mapping[str, Any], endpoint: str = "custom") -> int:
     """How many outputs one request makes (the slicer makes one per cell)."""
     if model == "model_scenario-image-slicer":
         x, y = params.get("xSubdivisions", 2), params.get("ySubdivisions", 2)
         return max(1, (x if _is_int(x) else 2) * (y if _is_int(y) else 2))
+    if endpoint != "custom":
+        n = params.get("numSamples", INFERENCE_DEFAULT_SAMPLES)
+        return max(1, n) if _is_int(n) else INFERENCE_DEFAULT_SAMPLES
     n = params.get("numOutputs", 1)
     return max(1, n) if _is_int(n) else 1
+
+
+def count_param(endpoint: str) -> str:
+    """The input naming how many images a request makes."""
+    return "numOutputs" if endpoint == "custom" else "numSamples"
+
+
+def step_key(
+    manifest: Manifest, item: ItemSpec, template: str, step: int, index: int, ext: str = "png"
+) -> str:
+    """The storage key of one output of an intermediate recipe step."""
+    return render_key(
+        template,
+        manifest=manifest.name,
+        item=item.id,
+        index=index,
+        seed=item.seed,
+        item_key=item.item_key,
+        ext=ext,
+        step=step,
+    )
 
 
 def merge_params(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -431,7 +570,12 @@ class _Loader:
         if kind == "missing":
             return "required field is missing"
         if kind == "extra_forbidden":
-            known = _ItemModel.model_fields if len(loc) == 3 else _ManifestModel.model_fields
+            if "steps" in loc[:-1]:
+                known: Iterable[str] = _StepModel.model_fields
+            elif len(loc) == 3:
+                known = _ItemModel.model_fields
+            else:
+                known = _ManifestModel.model_fields
             return "unknown field" + _suggest(str(loc[-1]), list(known))
         expected = {
             "int_type": "an integer",
@@ -453,8 +597,19 @@ class _Loader:
         for key in ("model", "trained_model"):
             if isinstance(d.get(key), str) and not MODEL_ID.fullmatch(d[key]):
                 self.add((key,), f"not a model id: {d[key]!r}")
+        endpoint = d.get("endpoint", "custom")
+        self.check_endpoint(("endpoint",), endpoint)
+        if endpoint != "custom" and isinstance(d.get("trained_model"), str):
+            self.add(
+                ("trained_model",),
+                f"with endpoint {endpoint!r} the model runs as body.modelId: put the trained "
+                "model in `model` and drop `trained_model`",
+            )
+        if d.get("overwrite", "replace") not in OVERWRITE_MODES:
+            self.add(("overwrite",), f"must be one of {', '.join(OVERWRITE_MODES)}")
         self.check_seed(("seed",), d.get("seed"))
-        self.check_params(("params",), d.get("params"))
+        self.check_params(("params",), d.get("params"), endpoint)
+        self.check_steps(("steps",), d.get("steps"))
         items = d.get("items")
         if not isinstance(items, list):
             items = []
@@ -487,7 +642,8 @@ class _Loader:
             elif isinstance(model, str) and prompt is None:
                 self.add((*at, "prompt"), "required field is missing")
             self.check_seed((*at, "seed"), item.get("seed"))
-            self.check_params((*at, "params"), item.get("params"))
+            self.check_params((*at, "params"), item.get("params"), endpoint)
+            self.check_steps((*at, "steps"), item.get("steps"))
             self.check_files(at, item)
         self.check_output(d, items)
 
@@ -495,22 +651,55 @@ class _Loader:
         if _is_int(seed) and not 0 <= seed <= MAX_SEED:
             self.add(loc, f"must be between 0 and {MAX_SEED}, got {seed}")
 
-    def check_params(self, loc: Loc, params: Any) -> None:
+    def check_endpoint(self, loc: Loc, endpoint: Any) -> None:
+        if isinstance(endpoint, str) and endpoint not in ENDPOINTS:
+            close = difflib.get_close_matches(endpoint, sorted(ENDPOINTS), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else "; e.g. custom, txt2img, img2img"
+            self.add(loc, f"unknown endpoint {endpoint!r}{hint}")
+
+    def check_params(
+        self, loc: Loc, params: Any, endpoint: Any = "custom", step: bool = False
+    ) -> None:
         if not isinstance(params, dict):
             return
+        reserved = STEP_RESERVED_PARAMS if step else RESERVED_PARAMS
+        counter = "numSamples" if endpoint != "custom" else "numOutputs"
+        most = MAX_SAMPLES if endpoint != "custom" else MAX_OUTPUTS
         for key, value in params.items():
-            if key in RESERVED_PARAMS:
-                self.add(
-                    (*loc, key),
-                    f"{key!r} is set by the pipeline; use the `{RESERVED_PARAMS[key]}` field",
-                )
-            elif key == "numOutputs" and value is not None:
+            if key in reserved and not (step and key == "prompt"):
+                where = reserved[key]
+                use = f"it is {where}" if step and key == "image" else f"use the `{where}` field"
+                self.add((*loc, key), f"{key!r} is set by the pipeline; {use}")
+            elif key in ("numOutputs", "numSamples") and key != counter:
+                self.add((*loc, key), f"this endpoint counts outputs with {counter!r}, not {key!r}")
+            elif key == counter and value is not None:
                 if not _is_int(value):
                     self.add((*loc, key), f"expected an integer, got {_describe(value)}")
-                elif not 1 <= value <= MAX_OUTPUTS:
-                    self.add((*loc, key), f"must be between 1 and {MAX_OUTPUTS}, got {value}")
+                elif not 1 <= value <= most:
+                    self.add((*loc, key), f"must be between 1 and {most}, got {value}")
             elif problem := _json_problem(value):
                 self.add((*loc, key), problem)
+
+    def check_steps(self, loc: Loc, steps: Any) -> None:
+        if not isinstance(steps, list):
+            return
+        for j, step in enumerate(steps):
+            if not isinstance(step, dict):
+                continue
+            at = (*loc, j)
+            if isinstance(step.get("model"), str) and not MODEL_ID.fullmatch(step["model"]):
+                self.add((*at, "model"), f"not a model id: {step['model']!r}")
+            endpoint = step.get("endpoint", "custom")
+            self.check_endpoint((*at, "endpoint"), endpoint)
+            if isinstance(step.get("prompt"), str) and not step["prompt"].strip():
+                self.add((*at, "prompt"), "is empty")
+            self.check_params((*at, "params"), step.get("params"), endpoint, step=True)
+            output = step.get("output")
+            if isinstance(output, str) and j == len(steps) - 1:
+                self.add(
+                    (*at, "output"),
+                    "the last step's outputs go to the manifest's `output`; remove this one",
+                )
 
     def check_files(self, at: Loc, item: dict[str, Any]) -> None:
         if isinstance(item.get("image"), str):
@@ -536,22 +725,27 @@ class _Loader:
         return found
 
     def check_output(self, d: dict[str, Any], items: list[Any]) -> None:
+        """Template syntax; whether templates tell outputs apart is checked on expansion."""
         output = d.get("output", DEFAULT_TEMPLATE)
-        if not isinstance(output, str):
-            return
-        params = d.get("params")
-        base: dict[str, Any] = params if isinstance(params, dict) else {}
-        most = expected_outputs(str(d.get("model")), base)
-        for item in items:
-            if isinstance(item, dict) and isinstance(item.get("params"), dict):
-                merged = merge_params(base, item["params"])
-                most = max(most, expected_outputs(str(d.get("model")), merged))
-        for problem in validate_template(output, max_outputs=most):
-            self.add(("output",), problem)
+        if isinstance(output, str):
+            for problem in validate_template(output):
+                self.add(("output",), problem)
+        step_lists: list[tuple[Loc, Any]] = [(("steps",), d.get("steps"))]
+        step_lists += [
+            (("items", i, "steps"), item.get("steps"))
+            for i, item in enumerate(items)
+            if isinstance(item, dict)
+        ]
+        for loc, steps in step_lists:
+            for j, step in enumerate(steps if isinstance(steps, list) else []):
+                if isinstance(step, dict) and isinstance(step.get("output"), str):
+                    for problem in validate_template(step["output"]):
+                        self.add((*loc, j, "output"), problem)
 
     # -- expansion -----------------------------------------------------------------
     def expand(self, m: _ManifestModel, raw: bytes, text: str) -> Manifest:
         specs = []
+        manifest_steps = self.expand_steps(("steps",), m.steps)
         for i, item in enumerate(m.items):
             params = merge_params(m.params, item.params)
             prompt = item.prompt.strip() if item.prompt is not None else None
@@ -564,14 +758,30 @@ class _Loader:
             )
             hashes = [("image", image.sha256)] if image else []
             hashes += [(f"referenceImages[{j}]", f.sha256) for j, f in enumerate(refs)]
-            key = compute_item_key(
+            generation_key = compute_generation_key(
                 model=m.model,
+                endpoint=m.endpoint,
                 trained_model=m.trained_model,
                 seed=seed,
                 params=params,
                 prompt=prompt,
                 input_hashes=hashes,
             )
+            if item.steps is None:
+                steps = manifest_steps
+            else:
+                steps = self.expand_steps(("items", i, "steps"), item.steps)
+            first = expected_outputs(m.model, params, m.endpoint)
+            total = first
+            for step in steps:
+                total *= step.expected_outputs
+            if total > MAX_ITEM_OUTPUTS:
+                self.add(
+                    ("items", i),
+                    f"the recipe makes {total} outputs for this item; at most "
+                    f"{MAX_ITEM_OUTPUTS} are allowed (lower numOutputs or the slicer's grid)",
+                )
+                continue
             specs.append(
                 ItemSpec(
                     id=item.id,
@@ -581,9 +791,13 @@ class _Loader:
                     params=params,
                     image=image,
                     reference_images=refs,
-                    item_key=key,
-                    num_outputs=expected_outputs(m.model, params),
+                    item_key=compute_recipe_key(generation_key, [s.settings() for s in steps]),
+                    num_outputs=total,
                     tags=tuple(item.tags),
+                    endpoint=m.endpoint,
+                    generation_key=generation_key,
+                    generation_outputs=first,
+                    steps=steps,
                 )
             )
         manifest = Manifest(
@@ -598,24 +812,69 @@ class _Loader:
             text=text,
             items=tuple(specs),
             description=m.description,
+            overwrite=m.overwrite,
             lines={self.field_of(loc): line for loc, line in self.lines.items() if loc},
         )
-        self.check_collisions(manifest)
+        if not self.problems:
+            self.check_counts(manifest)
+        if not self.problems:
+            self.check_collisions(manifest)
         return manifest
+
+    def expand_steps(self, loc: Loc, steps: list[_StepModel]) -> tuple[StepSpec, ...]:
+        return tuple(
+            StepSpec(
+                model=step.model,
+                endpoint=step.endpoint,
+                params=merge_params(step.params, {}),
+                prompt=step.prompt.strip() if step.prompt is not None else None,
+                output=step.output,
+                line=self.line_of((*loc, j)),
+                expected_outputs=expected_outputs(step.model, step.params, step.endpoint),
+            )
+            for j, step in enumerate(steps)
+        )
+
+    def check_counts(self, manifest: Manifest) -> None:
+        """Each template must tell apart the outputs it stores ({index})."""
+        most: dict[Loc, tuple[str, int]] = {}
+        for n, spec in enumerate(manifest.items):
+            base: Loc = (
+                ("steps",)
+                if self.data.get("items", [{}])[n].get("steps") is None
+                else (
+                    "items",
+                    n,
+                    "steps",
+                )
+            )
+            count = spec.generation_outputs
+            for j, step in enumerate(spec.steps):
+                count *= step.expected_outputs
+                if step.output is not None:
+                    at = (*base, j, "output")
+                    most[at] = (step.output, max(count, most.get(at, ("", 0))[1]))
+            most[("output",)] = (manifest.output, max(count, most.get(("output",), ("", 0))[1]))
+        for loc, (template, count) in most.items():
+            if count > 1 and not uses_index(template):
+                self.add(
+                    loc,
+                    f"must contain {{index}}: an item makes up to {count} outputs "
+                    "and they would overwrite each other",
+                )
 
     def check_collisions(self, manifest: Manifest) -> None:
         """Two different outputs must never share a storage key."""
         rendered = (
-            (spec.item_key, manifest.output_key(spec, index))
+            (f"{spec.item_key}:{step}:{index}", key)
             for spec in manifest.items
-            for index in range(spec.num_outputs)
+            for step, index, key in manifest.planned_keys(spec)
         )
         owners = {spec.item_key: spec.id for spec in manifest.items}
         for key, first, second in find_key_collisions(rendered):
-            self.add(
-                ("output",),
-                f"items {owners[first]!r} and {owners[second]!r} both write to {key!r}",
-            )
+            a, b = owners[first.split(":")[0]], owners[second.split(":")[0]]
+            what = f"items {a!r} and {b!r} both write" if a != b else f"item {a!r} writes twice"
+            self.add(("output",), f"{what} to {key!r}")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -665,6 +924,7 @@ __all__ = [
     "ItemSpec",
     "Manifest",
     "ManifestError",
+    "StepSpec",
     "expected_outputs",
     "load_manifest",
     "merge_params",

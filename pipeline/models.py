@@ -1,11 +1,12 @@
 """The lineage schema: SQLAlchemy 2 models. Alembic (migrations/) owns the real schema.
 
-    manifests ─< runs ─< items ─< jobs ─< assets ─< objects
-                           └──< item_inputs >── assets (uploaded inputs, linked as parents)
+    manifests ─< runs ─< items ─< nodes ─< jobs ─< assets ─< objects
+                           │      └─ parent (a recipe step's input is its parent's output)
+                           └──< item_inputs >── assets (uploaded inputs)
 
-Every row that a worker advances has an explicit status (an Enum) and the timestamps the
-sweeper schedules by (`next_attempt_at`, `next_poll_at`, `lease_until`). The broker only
-carries ids: everything needed to resume lives here.
+A node is one Scenario job's worth of work; its states live in `pipeline.nodes`, and the
+sweeper schedules by its `due_at` timer. The broker only carries ids: everything needed to
+resume lives here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+from pipeline.nodes import NodeState
+from pipeline.scenario import JobStatus
 
 
 def utcnow() -> datetime:
@@ -62,10 +66,10 @@ class RunStatus(enum.StrEnum):
 
 
 class ItemStatus(enum.StrEnum):
-    PENDING = "pending"  # waiting for a parallel-job slot (or for next_attempt_at)
-    SUBMITTING = "submitting"  # handed to a submit task; the job intent may exist
-    RUNNING = "running"  # a Scenario job is in flight
-    COLLECTING = "collecting"  # the job succeeded; outputs are being stored
+    """An item's status, derived from its nodes' states (see `pipeline.nodes.item_status`)."""
+
+    PENDING = "pending"  # no node has been submitted yet
+    RUNNING = "running"  # some node is submitting, running or collecting
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
@@ -79,26 +83,6 @@ class ItemStatus(enum.StrEnum):
 FINAL_ITEM_STATUSES = frozenset(
     {ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELED, ItemStatus.SKIPPED}
 )
-IN_FLIGHT_ITEM_STATUSES = frozenset({ItemStatus.SUBMITTING, ItemStatus.RUNNING})
-
-
-class JobState(enum.StrEnum):
-    """A job row's state: Scenario's eight statuses plus the local intent."""
-
-    INTENT = "intent"  # recorded before the POST; no Scenario job id yet
-    REJECTED = "rejected"  # the POST was refused (4xx/429): nothing was created or billed
-    PENDING = "pending"
-    QUEUED = "queued"
-    WARMING_UP = "warming-up"
-    IN_PROGRESS = "in-progress"
-    FINALIZING = "finalizing"
-    SUCCESS = "success"
-    FAILURE = "failure"
-    CANCELED = "canceled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCESS, JobState.FAILURE, JobState.CANCELED, JobState.REJECTED)
 
 
 class AssetRole(enum.StrEnum):
@@ -168,11 +152,10 @@ class RunRow(Base):
 
 
 class ItemRow(Base):
+    """One manifest item in one run; its work is a chain (or fan-out tree) of nodes."""
+
     __tablename__ = "items"
-    __table_args__ = (
-        UniqueConstraint("run_id", "manifest_item_id", name="uq_items_run_id_item"),
-        Index("ix_items_status_next_attempt", "status", "next_attempt_at"),
-    )
+    __table_args__ = (UniqueConstraint("run_id", "manifest_item_id", name="uq_items_run_id_item"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
@@ -184,60 +167,93 @@ class ItemRow(Base):
     model: Mapped[str] = mapped_column(String(200))
     trained_model: Mapped[str | None] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column()
-    # The request body without input asset ids; those are filled in at submit time.
-    body: Mapped[dict[str, Any]] = mapped_column()
-    num_outputs: Mapped[int] = mapped_column(default=1)
-    output_template: Mapped[str] = mapped_column(Text)
+    # The steps after the first (generation) node: [{model, endpoint, params, output, ...}].
+    recipe: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[ItemStatus] = mapped_column(_enum(ItemStatus, "item_status"), index=True)
-    attempts: Mapped[int] = mapped_column(default=0)  # Scenario jobs submitted
-    max_attempts: Mapped[int] = mapped_column(default=2)
-    # Tasks handed out again after their worker vanished (the poison-item guard).
-    dispatches: Mapped[int] = mapped_column(default=0)
     error: Mapped[str | None] = mapped_column(Text)
     hint: Mapped[str | None] = mapped_column(Text)
     skipped_from_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"))
-    next_attempt_at: Mapped[datetime | None] = mapped_column()
-    lease_owner: Mapped[str | None] = mapped_column(String(64))
-    lease_until: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
 
     run: Mapped[RunRow] = relationship(back_populates="items")
-    jobs: Mapped[list[JobRow]] = relationship(back_populates="item", order_by="JobRow.id")
+    nodes: Mapped[list[NodeRow]] = relationship(back_populates="item", order_by="NodeRow.id")
     objects: Mapped[list[ObjectRow]] = relationship(
         back_populates="item", order_by="ObjectRow.output_index"
     )
 
 
-class JobRow(Base):
-    __tablename__ = "jobs"
-    __table_args__ = (
-        UniqueConstraint("item_id", "attempt", name="uq_jobs_item_id_attempt"),
-        Index("ix_jobs_state_next_poll", "state", "next_poll_at"),
-    )
+class NodeRow(Base):
+    """One Scenario job's worth of work: its inputs, its attempts and its outputs.
+
+    The state machine is `pipeline.nodes`; this row is what it persists. Timers (`due_at`)
+    and claims (`claim_owner`, `claimed_until`) are separate fields.
+    """
+
+    __tablename__ = "nodes"
+    __table_args__ = (Index("ix_nodes_state_due_at", "state", "due_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id"), index=True)
+    step: Mapped[int] = mapped_column(default=0)  # 0: the generation; 1..: the recipe's steps
+    branch: Mapped[int] = mapped_column(default=0)  # position among the step's nodes
+    parent_output: Mapped[int | None] = mapped_column()  # which output of the parent it takes
+    node_key: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    endpoint: Mapped[str] = mapped_column(String(60), default="custom")
+    body: Mapped[dict[str, Any]] = mapped_column()  # the request body, input asset included
+    input_asset: Mapped[str | None] = mapped_column(String(64))  # the parent's output
+    expected_outputs: Mapped[int] = mapped_column(default=1)
+    output_template: Mapped[str | None] = mapped_column(Text)  # None: outputs not stored
+    final: Mapped[bool] = mapped_column(default=True)  # the recipe's last step
+    state: Mapped[NodeState] = mapped_column(_enum(NodeState, "node_state"))
+    attempts: Mapped[int] = mapped_column(default=0)  # Scenario jobs submitted
+    max_attempts: Mapped[int] = mapped_column(default=2)
+    tries: Mapped[int] = mapped_column(default=0)  # tasks handed out (poison guard, backoff)
+    error: Mapped[str | None] = mapped_column(Text)
+    hint: Mapped[str | None] = mapped_column(Text)
+    due_at: Mapped[datetime | None] = mapped_column()
+    claim_owner: Mapped[str | None] = mapped_column(String(64))
+    claimed_until: Mapped[datetime | None] = mapped_column()
+    reused_from_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id"))
+    outputs: Mapped[dict[str, Any] | None] = mapped_column()  # {"ids": [asset ids]}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    item: Mapped[ItemRow] = relationship(back_populates="nodes")
+    jobs: Mapped[list[JobRow]] = relationship(back_populates="node", order_by="JobRow.id")
+
+
+class JobRow(Base):
+    """One submission of a node: the intent first, then Scenario's job."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("node_id", "attempt", name="uq_jobs_node_id_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"), index=True)
     attempt: Mapped[int] = mapped_column()
     scenario_job_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    job_type: Mapped[str | None] = mapped_column(String(60))
     model: Mapped[str] = mapped_column(String(200))
-    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"))
+    # Scenario's status; None while only the intent exists or when the POST was refused.
+    status: Mapped[JobStatus | None] = mapped_column(_enum(JobStatus, "job_status"))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     cost_cu: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     hint: Mapped[str | None] = mapped_column(Text)
-    asset_ids: Mapped[dict[str, Any] | None] = mapped_column()  # {"ids": [...]} on success
     polls: Mapped[int] = mapped_column(default=0)
     intent_at: Mapped[datetime] = mapped_column(default=utcnow)
     accepted_at: Mapped[datetime | None] = mapped_column()  # our clock, POST answered
     remote_created_at: Mapped[datetime | None] = mapped_column()
     remote_updated_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
-    next_poll_at: Mapped[datetime | None] = mapped_column()
-    last_polled_at: Mapped[datetime | None] = mapped_column()
 
-    item: Mapped[ItemRow] = relationship(back_populates="jobs")
+    node: Mapped[NodeRow] = relationship(back_populates="jobs")
 
 
 class AssetRow(Base):
@@ -248,6 +264,8 @@ class AssetRow(Base):
     role: Mapped[AssetRole] = mapped_column(_enum(AssetRole, "asset_role"))
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     output_index: Mapped[int | None] = mapped_column()
+    # The asset this one was made from (a recipe step's input), for the lineage graph.
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("assets.id"), index=True)
     # Inputs are deduplicated by content: the same file is uploaded once per API host.
     content_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     api_host: Mapped[str | None] = mapped_column(String(200))
@@ -269,13 +287,17 @@ class ItemInputRow(Base):
 
 
 class ObjectRow(Base):
+    """One stored file. Rows are never deleted: a replaced key keeps its old versions here."""
+
     __tablename__ = "objects"
-    __table_args__ = (UniqueConstraint("item_id", "output_index", name="uq_objects_item_index"),)
+    __table_args__ = (UniqueConstraint("node_id", "output_index", name="uq_objects_node_index"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"), index=True)
     asset_id: Mapped[int] = mapped_column(ForeignKey("assets.id"), index=True)
-    output_index: Mapped[int] = mapped_column()
+    output_index: Mapped[int] = mapped_column()  # the item-wide index used in the key
+    final: Mapped[bool] = mapped_column(default=True)  # an output of the recipe's last step
     uri: Mapped[str] = mapped_column(Text, index=True)
     key: Mapped[str] = mapped_column(Text, index=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)

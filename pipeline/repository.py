@@ -1,15 +1,20 @@
-"""Every query the pipeline makes. Methods run one transaction each and return plain values.
+"""Every write, and the work queries, of the lineage database. One transaction per method.
+
+The repository decides nothing about a node's life: `pipeline.nodes.decide` does. It loads
+the facts a decision needs, persists the resulting `Change` with one conditional UPDATE
+(guarded by the state the decision was made in, and by the claim where the change says so)
+and answers queries. Reports (`run_report`, `lineage`) live in `pipeline.reports`.
 
 Concurrency rules (they hold on SQLite and PostgreSQL alike):
-- Only the sweeper (one holder of the `sweeper` lease at a time) moves items from
-  `pending` to `submitting` and job rows from in-flight to terminal.
-- A task may act on an item only after claiming it with a conditional UPDATE that sets
-  `lease_owner`; a second delivery of the same message finds the lease taken and drops out.
-- A lease that expires (a worker died) makes the item due again for the sweeper.
+- Only the sweeper (one holder of the `sweeper` lease at a time) hands nodes to tasks.
+- A task acts on a node only after claiming it with a conditional UPDATE; a second delivery
+  of the same message finds the claim taken and drops out.
+- A claim that expires (a worker died) makes the node due again for the sweeper.
 """
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,14 +22,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
+from pipeline import nodes
 from pipeline.db import make_sessionmaker, translate_errors
+from pipeline.keys import compute_step_key
 from pipeline.models import (
     FINAL_ITEM_STATUSES,
-    IN_FLIGHT_ITEM_STATUSES,
     AssetRole,
     AssetRow,
     CursorRow,
@@ -32,16 +38,20 @@ from pipeline.models import (
     ItemRow,
     ItemStatus,
     JobRow,
-    JobState,
     LeaseRow,
     ManifestRow,
+    NodeRow,
     ObjectRow,
     RunRow,
     RunStatus,
     utcnow,
 )
+from pipeline.nodes import Change, Event, Facts, Guard, Inc, NodeState, Policy
+from pipeline.scenario import Job, JobStatus
 
 T = TypeVar("T")
+
+ACTIVE_JOB_STATUSES = [s for s in JobStatus if not s.terminal]
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,13 @@ class NewItem:
     model: str
     trained_model: str | None
     params: dict[str, Any]
+    # The first node: the generation.
+    endpoint: str
     body: dict[str, Any]
-    num_outputs: int
-    output_template: str
+    generation_key: str
+    generation_outputs: int
+    # {"steps": [{model, endpoint, params, prompt, output, expected_outputs}], "output": ...}
+    recipe: dict[str, Any]
     inputs: Sequence[tuple[str, str, str, int | None]] = ()  # (role, path, sha256, asset row id)
     skipped_from_id: int | None = None
 
@@ -67,9 +81,10 @@ class NewItem:
 class SubmitWork:
     """What a submit task needs, read under its claim."""
 
-    item_id: int
+    node_id: int
     run_id: str
     model: str
+    endpoint: str
     body: dict[str, Any]
     attempts: int
     max_attempts: int
@@ -83,20 +98,20 @@ class InFlightJob:
 
     row_id: int
     scenario_job_id: str
-    item_id: int
+    node_id: int
     model: str
-    state: JobState
+    job_type: str
     polls: int
     accepted_at: datetime
-    next_poll_at: datetime | None
-    last_polled_at: datetime | None
+    due_at: datetime | None
+    expected_outputs: int
 
 
 @dataclass(frozen=True)
 class CollectWork:
-    """One succeeded item whose outputs must be stored."""
+    """One succeeded node whose outputs must be stored."""
 
-    item_id: int
+    node_id: int
     run_id: str
     manifest_name: str
     manifest_item_id: str
@@ -104,11 +119,21 @@ class CollectWork:
     seed: int
     model: str
     trained_model: str | None
+    step: int
+    branch: int
+    expected_outputs: int
+    final: bool
+    node_key: str
+    input_asset: str | None
     output_template: str
-    job_row_id: int
+    overwrite: bool
     scenario_job_id: str
     asset_ids: tuple[str, ...]
     stored: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (key, sha256)
+
+    def index_of(self, output: int) -> int:
+        """The item-wide index (the `{index}` of keys) of this node's output number `output`."""
+        return self.branch * self.expected_outputs + output
 
 
 @dataclass(frozen=True)
@@ -121,58 +146,98 @@ class StoredOutput:
     sha256: str
 
 
+@dataclass(frozen=True)
+class KeyOwner:
+    """Who wrote the newest object at a storage key."""
+
+    manifest: str
+    item: str
+    item_key: str
+    asset_id: str | None
+
+
 def new_run_id() -> str:
     """A sortable, unique run id: run_<utc timestamp>_<random>."""
     return "run_" + utcnow().strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:8]
 
 
 class Repository:
-    """All reads and writes of the lineage database."""
+    """Loads, persists and queries the lineage database."""
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        policy: Policy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.engine = engine
         self._sessions = make_sessionmaker(engine)
         self.now = clock
+        self.policy = policy or Policy()
+        self.rng = rng or random.Random()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         with translate_errors(), self._sessions.begin() as session:
             yield session
 
-    # -- runs ---------------------------------------------------------------------------
+    def session(self) -> Any:
+        """A read transaction for report builders (`pipeline.reports`)."""
+        return self._tx()
+
+    # -- runs -----------------------------------------------------------------------------
 
     def find_stored_outputs(self, item_keys: Iterable[str]) -> dict[str, list[StoredOutput]]:
-        """For each item_key, the objects of the newest item that stored all its outputs."""
+        """For each item_key, the final objects of the newest item that succeeded with it."""
         keys = list(set(item_keys))
         found: dict[str, list[StoredOutput]] = {}
         with self._tx() as s:
             for chunk in _chunks(keys, 500):
                 rows = s.execute(
-                    select(ItemRow)
+                    select(ItemRow.id, ItemRow.item_key)
                     .where(ItemRow.item_key.in_(chunk), ItemRow.status == ItemStatus.SUCCEEDED)
-                    .options(selectinload(ItemRow.objects))
                     .order_by(ItemRow.id.desc())
+                ).all()
+                newest: dict[str, int] = {}
+                for item_id, item_key in rows:
+                    newest.setdefault(item_key, item_id)
+                if not newest:
+                    continue
+                objects = s.execute(
+                    select(ObjectRow).where(
+                        ObjectRow.item_id.in_(list(newest.values())), ObjectRow.final.is_(True)
+                    )
                 ).scalars()
-                for item in rows:
-                    if item.item_key in found or len(item.objects) < item.num_outputs:
-                        continue
-                    found[item.item_key] = [
-                        StoredOutput(item.id, o.output_index, o.key, o.sha256) for o in item.objects
-                    ]
+                by_item: dict[int, list[StoredOutput]] = {}
+                for o in objects:
+                    by_item.setdefault(o.item_id, []).append(
+                        StoredOutput(o.item_id, o.output_index, o.key, o.sha256)
+                    )
+                for item_key, item_id in newest.items():
+                    if by_item.get(item_id):
+                        found[item_key] = sorted(by_item[item_id], key=lambda o: o.index)
         return found
 
-    def key_owners(self, keys: Iterable[str]) -> dict[str, str]:
-        """For stored keys among `keys`: the item_key whose output each one holds."""
+    def key_owners(self, keys: Iterable[str]) -> dict[str, KeyOwner]:
+        """For stored keys among `keys`: the item whose output the newest object there is."""
         wanted = list(set(keys))
-        owners: dict[str, str] = {}
+        owners: dict[str, KeyOwner] = {}
         with self._tx() as s:
             for chunk in _chunks(wanted, 500):
                 rows = s.execute(
-                    select(ObjectRow.key, ItemRow.item_key)
+                    select(ObjectRow.key, ManifestRow.name, ItemRow.manifest_item_id)
+                    .add_columns(ItemRow.item_key, AssetRow.scenario_asset_id)
                     .join(ItemRow, ObjectRow.item_id == ItemRow.id)
+                    .join(RunRow, ItemRow.run_id == RunRow.id)
+                    .join(ManifestRow, RunRow.manifest_id == ManifestRow.id)
+                    .join(AssetRow, ObjectRow.asset_id == AssetRow.id)
                     .where(ObjectRow.key.in_(chunk))
+                    .order_by(ObjectRow.id)
                 ).all()
-                owners.update({key: item_key for key, item_key in rows})
+                for key, manifest, item, item_key, asset in rows:
+                    owners[key] = KeyOwner(manifest, item, item_key, asset)
         return owners
 
     def record_run(
@@ -192,7 +257,7 @@ class Repository:
         deadline_at: datetime | None = None,
         max_attempts: int = 2,
     ) -> str:
-        """Record the manifest, a run and its items in one transaction; return the run id."""
+        """Record the manifest, a run, its items and their first nodes in one transaction."""
         run_id = new_run_id()
         now = self.now()
         with self._tx() as s:
@@ -225,6 +290,7 @@ class Repository:
                 deadline_at=deadline_at,
             )
             s.add(run)
+            item_rows = []
             for spec in items:
                 skipped = spec.skipped_from_id is not None
                 item = ItemRow(
@@ -237,27 +303,169 @@ class Repository:
                     model=spec.model,
                     trained_model=spec.trained_model,
                     params=spec.params,
-                    body=spec.body,
-                    num_outputs=spec.num_outputs,
-                    output_template=spec.output_template,
+                    recipe=spec.recipe | {"force": force, "max_attempts": max_attempts},
                     status=ItemStatus.SKIPPED if skipped else ItemStatus.PENDING,
-                    max_attempts=max_attempts,
                     skipped_from_id=spec.skipped_from_id,
                     created_at=now,
                     updated_at=now,
                     finished_at=now if skipped else None,
                 )
-                s.add(item)
-                s.flush()
+                item_rows.append(item)
+            s.add_all(item_rows)
+            s.flush()
+            reusable = {} if force else self._reusable(s, [i.generation_key for i in items])
+            for spec, item in zip(items, item_rows, strict=True):
                 for role, path, sha, asset_row_id in spec.inputs:
                     s.add(
                         ItemInputRow(
                             item_id=item.id, role=role, path=path, sha256=sha, asset_id=asset_row_id
                         )
                     )
+                if spec.skipped_from_id is not None:
+                    continue
+                steps = spec.recipe.get("steps", [])
+                self._add_node(
+                    s,
+                    item,
+                    parent=None,
+                    step=0,
+                    branch=0,
+                    parent_output=None,
+                    node_key=spec.generation_key,
+                    model=spec.model,
+                    endpoint=spec.endpoint,
+                    body=spec.body,
+                    input_asset=None,
+                    expected=spec.generation_outputs,
+                    template=None if steps else spec.recipe.get("output"),
+                    final=not steps,
+                    reused=reusable.get(spec.generation_key),
+                    now=now,
+                )
             s.flush()
+            for item in item_rows:
+                self._refresh_item(s, item.id, now)
             _refresh_run_status(s, run, now)
         return run_id
+
+    def _reusable(self, s: Session, node_keys: Sequence[str]) -> dict[str, tuple[int, list[str]]]:
+        """For node keys that succeeded before: (newest node id, its output asset ids)."""
+        found: dict[str, tuple[int, list[str]]] = {}
+        for chunk in _chunks(list(set(node_keys)), 500):
+            rows = s.execute(
+                select(NodeRow.node_key, NodeRow.id, NodeRow.outputs)
+                .where(
+                    NodeRow.node_key.in_(chunk),
+                    NodeRow.state == NodeState.SUCCEEDED,
+                    NodeRow.outputs.is_not(None),
+                )
+                .order_by(NodeRow.id.desc())
+            ).all()
+            for key, node_id, outputs in rows:
+                ids = list((outputs or {}).get("ids") or [])
+                if ids and key not in found:
+                    found[key] = (node_id, ids)
+        return found
+
+    def _add_node(
+        self,
+        s: Session,
+        item: ItemRow,
+        *,
+        parent: NodeRow | None,
+        step: int,
+        branch: int,
+        parent_output: int | None,
+        node_key: str,
+        model: str,
+        endpoint: str,
+        body: dict[str, Any],
+        input_asset: str | None,
+        expected: int,
+        template: str | None,
+        final: bool,
+        reused: tuple[int, list[str]] | None,
+        now: datetime,
+    ) -> NodeRow:
+        """Insert one node; a reused one (its key succeeded before) spawns its children too."""
+        state, values = nodes.born(
+            reused_outputs=tuple(reused[1]) if reused else None,
+            stores_outputs=template is not None,
+            now=now,
+        )
+        node = NodeRow(
+            run_id=item.run_id,
+            item_id=item.id,
+            parent_id=parent.id if parent else None,
+            step=step,
+            branch=branch,
+            parent_output=parent_output,
+            node_key=node_key,
+            model=model,
+            endpoint=endpoint,
+            body=body,
+            input_asset=input_asset,
+            expected_outputs=expected,
+            output_template=template,
+            final=final,
+            state=state,
+            max_attempts=int(item.recipe.get("max_attempts", 2)),
+            reused_from_id=reused[0] if reused else None,
+            created_at=now,
+            updated_at=now,
+            **values,
+        )
+        s.add(node)
+        s.flush()
+        if reused:
+            self._spawn(s, item, node, now)
+        return node
+
+    def _spawn(self, s: Session, item: ItemRow, node: NodeRow, now: datetime) -> None:
+        """Create the recipe's next step: one node on each output of `node`."""
+        steps: list[dict[str, Any]] = item.recipe.get("steps", [])
+        if node.step >= len(steps):
+            return
+        spec = steps[node.step]
+        number = node.step + 1
+        last = number == len(steps)
+        outputs = list((node.outputs or {}).get("ids") or [])
+        keys = {
+            asset: compute_step_key(
+                model=spec["model"],
+                endpoint=spec["endpoint"],
+                params=spec["params"],
+                prompt=spec.get("prompt"),
+                input_asset=asset,
+            )
+            for asset in outputs
+        }
+        reusable = {} if item.recipe.get("force") else self._reusable(s, list(keys.values()))
+        for index, asset in enumerate(outputs):
+            body = dict(spec["params"])
+            if spec.get("prompt") is not None:
+                body["prompt"] = spec["prompt"]
+            if spec["endpoint"] != "custom":
+                body["modelId"] = spec["model"]
+            body["image"] = asset
+            self._add_node(
+                s,
+                item,
+                parent=node,
+                step=number,
+                branch=node.branch * node.expected_outputs + index,
+                parent_output=index,
+                node_key=keys[asset],
+                model=spec["model"],
+                endpoint=spec["endpoint"],
+                body=body,
+                input_asset=asset,
+                expected=int(spec["expected_outputs"]),
+                template=item.recipe.get("output") if last else spec.get("output"),
+                final=last,
+                reused=reusable.get(keys[asset]),
+                now=now,
+            )
 
     def latest_run_id(self) -> str | None:
         """The id of the newest run, if any."""
@@ -275,8 +483,8 @@ class Repository:
     ) -> list[str]:
         """Put a run's failed or canceled items back to work as new attempts.
 
-        An item whose last job succeeded (it failed while storing) goes back to collecting,
-        so its outputs are fetched again without paying for a new generation.
+        Only their failed or canceled nodes run again: a node whose job succeeded but whose
+        outputs were not stored goes back to collecting, without paying for a new job.
         Returns the manifest item ids reopened.
         """
         now = self.now()
@@ -291,17 +499,27 @@ class Repository:
             )
             if manifest_item_ids:
                 query = query.where(ItemRow.manifest_item_id.in_(list(manifest_item_ids)))
-            for item in s.execute(query.options(selectinload(ItemRow.jobs))).scalars():
-                last = item.jobs[-1] if item.jobs else None
-                collected_before = last is not None and last.state == JobState.SUCCESS
-                item.status = ItemStatus.COLLECTING if collected_before else ItemStatus.PENDING
-                item.max_attempts = item.attempts + extra_attempts
-                item.dispatches = 0
+            for item in s.execute(query).scalars():
+                for node in s.execute(
+                    select(NodeRow).where(
+                        NodeRow.item_id == item.id,
+                        NodeRow.state.in_([NodeState.FAILED, NodeState.CANCELED]),
+                    )
+                ).scalars():
+                    collected_before = bool((node.outputs or {}).get("ids"))
+                    node.state = NodeState.COLLECTING if collected_before else NodeState.PENDING
+                    node.max_attempts = node.attempts + extra_attempts
+                    node.tries = 0
+                    node.error = None
+                    node.hint = None
+                    node.claim_owner = None
+                    node.claimed_until = None
+                    node.due_at = now
+                    node.finished_at = None
+                    node.updated_at = now
+                item.status = ItemStatus.PENDING
                 item.error = None
                 item.hint = None
-                item.lease_owner = None
-                item.lease_until = None if not collected_before else now
-                item.next_attempt_at = None
                 item.finished_at = None
                 item.updated_at = now
                 reopened.append(item.manifest_item_id)
@@ -331,77 +549,7 @@ class Repository:
             run = s.get(RunRow, run_id)
             return run.status if run else None
 
-    def run_report(self, run_id: str) -> dict[str, Any] | None:
-        """The run document of interface.md, built from SQL."""
-        with self._tx() as s:
-            run = s.execute(
-                select(RunRow)
-                .where(RunRow.id == run_id)
-                .options(
-                    selectinload(RunRow.manifest),
-                    selectinload(RunRow.items).selectinload(ItemRow.jobs),
-                    selectinload(RunRow.items)
-                    .selectinload(ItemRow.objects)
-                    .selectinload(ObjectRow.asset),
-                )
-            ).scalar_one_or_none()
-            if run is None:
-                return None
-            skipped_sources = {i.skipped_from_id for i in run.items if i.skipped_from_id}
-            sources: dict[int, ItemRow] = {}
-            if skipped_sources:
-                for src in s.execute(
-                    select(ItemRow)
-                    .where(ItemRow.id.in_(skipped_sources))
-                    .options(selectinload(ItemRow.objects).selectinload(ObjectRow.asset))
-                ).scalars():
-                    sources[src.id] = src
-            counts = {"total": len(run.items), "succeeded": 0, "failed": 0, "skipped": 0}
-            counts.update({"canceled": 0, "pending": 0})
-            cost = 0.0
-            items = []
-            for item in run.items:
-                bucket = {
-                    ItemStatus.SUCCEEDED: "succeeded",
-                    ItemStatus.FAILED: "failed",
-                    ItemStatus.SKIPPED: "skipped",
-                    ItemStatus.CANCELED: "canceled",
-                }.get(item.status, "pending")
-                counts[bucket] += 1
-                cost += sum(j.cost_cu or 0.0 for j in item.jobs)
-                holder = sources.get(item.skipped_from_id or -1, item)
-                items.append(
-                    {
-                        "id": item.manifest_item_id,
-                        "item_key": item.item_key,
-                        "status": str(item.status),
-                        "attempts": item.attempts,
-                        "jobs": [j.scenario_job_id for j in item.jobs if j.scenario_job_id],
-                        "error": item.error,
-                        "hint": item.hint,
-                        "seed": item.seed,
-                        "prompt": item.prompt,
-                        "outputs": [_output_doc(o) for o in holder.objects],
-                    }
-                )
-            return {
-                "run_id": run.id,
-                "manifest": {
-                    "name": run.manifest.name,
-                    "path": run.manifest.path,
-                    "sha256": run.manifest.sha256,
-                },
-                "status": str(run.status),
-                "trigger": run.trigger,
-                "created_at": run.created_at.isoformat(),
-                "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-                "error": run.error,
-                "counts": counts,
-                "creative_units": round(cost, 4),
-                "items": items,
-            }
-
-    # -- the sweeper ----------------------------------------------------------------------
+    # -- leases and cursors ---------------------------------------------------------------
 
     def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
         """Take or renew the named lease; True if `holder` now holds it."""
@@ -452,123 +600,173 @@ class Repository:
             else:
                 row.value = value
 
-    def in_flight_count(self) -> int:
-        """Items holding a parallel-job slot: being submitted or running remotely."""
+    # -- node transitions -----------------------------------------------------------------
+
+    def transition(self, node_id: int, event: Event) -> bool:
+        """Apply one event to one node; False if it did not apply or another writer won."""
+        now = self.now()
+        with self._tx() as s:
+            node = s.get(NodeRow, node_id)
+            if node is None:
+                return False
+            return self._apply(s, node, event, now)
+
+    def _apply(self, s: Session, node: NodeRow, event: Event, now: datetime) -> bool:
+        facts = _facts(node)
+        change = nodes.decide(facts, event, now, self.policy, self.rng)
+        if change is None:
+            return False
+        if not self._persist(s, node, facts.state, change, now):
+            return False
+        if change.spawn or change.state != facts.state:
+            s.refresh(node)
+            if change.spawn:
+                item = s.get(ItemRow, node.item_id)
+                assert item is not None
+                self._spawn(s, item, node, now)
+            self._refresh_item(s, node.item_id, now)
+        return True
+
+    def _persist(
+        self, s: Session, node: NodeRow, from_state: NodeState, change: Change, now: datetime
+    ) -> bool:
+        """One conditional UPDATE: the row must still be as the decision saw it."""
+        conditions = [NodeRow.id == node.id, NodeRow.state == from_state, *_guard(change, now)]
+        values = _values(change) | {"updated_at": now}
+        result = s.execute(
+            update(NodeRow)
+            .where(*conditions)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]  # CursorResult for DML
+
+    def _refresh_item(self, s: Session, item_id: int, now: datetime) -> None:
+        """Derive an item's status from its nodes' states."""
+        item = s.get(ItemRow, item_id)
+        if item is None or item.status == ItemStatus.SKIPPED:
+            return
+        rows = s.execute(
+            select(NodeRow.state, NodeRow.error, NodeRow.hint)
+            .where(NodeRow.item_id == item_id)
+            .order_by(NodeRow.id)
+        ).all()
+        status = ItemStatus(nodes.item_status(state for state, _, _ in rows))
+        if status == item.status:
+            return
+        item.status = status
+        item.updated_at = now
+        if status.final:
+            item.finished_at = now
+            failed = [(e, h) for state, e, h in rows if state != NodeState.SUCCEEDED and e]
+            item.error, item.hint = failed[0] if failed else (None, None)
+        else:
+            item.finished_at = None
+
+    def slots_in_use(self) -> int:
+        """Nodes holding a parallel-job slot: being submitted or running remotely."""
         with self._tx() as s:
             return int(
                 s.execute(
                     select(func.count())
-                    .select_from(ItemRow)
-                    .where(ItemRow.status.in_(list(IN_FLIGHT_ITEM_STATUSES)))
+                    .select_from(NodeRow)
+                    .where(NodeRow.state.in_([NodeState.SUBMITTING, NodeState.RUNNING]))
                 ).scalar_one()
             )
 
-    def end_collect_delay(self) -> None:
-        """Make every collecting item that waits for company due now."""
-        now = self.now()
-        with self._tx() as s:
-            s.execute(
-                update(ItemRow)
-                .where(
-                    ItemRow.status == ItemStatus.COLLECTING,
-                    ItemRow.lease_owner.is_(None),
-                    ItemRow.lease_until > now,
-                )
-                .values(lease_until=now)
-            )
-
-    def dispatch_pending(self, limit: int, lease_ttl: float) -> list[int]:
-        """Move up to `limit` due pending items to submitting; return their ids."""
+    def dispatch_pending(self, limit: int) -> list[int]:
+        """Hand up to `limit` due pending nodes to submit tasks; return their ids."""
         if limit <= 0:
             return []
         now = self.now()
+        change = nodes.decide(Facts(NodeState.PENDING), nodes.Dispatch(), now, self.policy)
+        assert change is not None
         with self._tx() as s:
-            ids = list(
-                s.execute(
-                    select(ItemRow.id)
-                    .where(
-                        ItemRow.status == ItemStatus.PENDING,
-                        or_(ItemRow.next_attempt_at.is_(None), ItemRow.next_attempt_at <= now),
-                    )
-                    .order_by(ItemRow.next_attempt_at.is_not(None), ItemRow.id)
-                    .limit(limit)
-                ).scalars()
-            )
+            rows = s.execute(
+                select(NodeRow.id, NodeRow.item_id)
+                .where(
+                    NodeRow.state == NodeState.PENDING,
+                    or_(NodeRow.due_at.is_(None), NodeRow.due_at <= now),
+                )
+                .order_by(NodeRow.due_at, NodeRow.id)
+                .limit(limit)
+            ).all()
+            ids = [node_id for node_id, _ in rows]
             if ids:
                 s.execute(
+                    update(NodeRow)
+                    .where(NodeRow.id.in_(ids), NodeRow.state == NodeState.PENDING)
+                    .values(**_values(change), updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                s.execute(
                     update(ItemRow)
-                    .where(ItemRow.id.in_(ids), ItemRow.status == ItemStatus.PENDING)
-                    .values(
-                        status=ItemStatus.SUBMITTING,
-                        lease_owner=None,
-                        lease_until=now + timedelta(seconds=lease_ttl),
-                        updated_at=now,
+                    .where(
+                        ItemRow.id.in_({item_id for _, item_id in rows}),
+                        ItemRow.status == ItemStatus.PENDING,
                     )
+                    .values(status=ItemStatus.RUNNING, updated_at=now)
+                    .execution_options(synchronize_session=False)
                 )
         return ids
 
-    def expired_leases(
-        self, status: ItemStatus, lease_ttl: float, max_dispatches: int
-    ) -> list[int]:
-        """Items in `status` whose task vanished (lease expired): re-dispatch or give up."""
+    def due_for_tasks(self, state: NodeState) -> list[int]:
+        """Hand out again submitting/collecting nodes that are due or whose task vanished.
+
+        A node handed out `policy.max_tries` times fails with its last real error.
+        """
         now = self.now()
-        redo: list[int] = []
+        handed: list[int] = []
         with self._tx() as s:
             rows = s.execute(
-                select(ItemRow).where(
-                    ItemRow.status == status,
-                    or_(ItemRow.lease_until.is_(None), ItemRow.lease_until < now),
-                    or_(ItemRow.next_attempt_at.is_(None), ItemRow.next_attempt_at <= now),
-                )
+                select(NodeRow).where(NodeRow.state == state, *_guard_redispatchable(now))
             ).scalars()
-            for item in rows:
-                if item.dispatches >= max_dispatches:
-                    _finish_item(
-                        s,
-                        item,
-                        ItemStatus.FAILED,
-                        now,
-                        error=f"gave up after {item.dispatches} attempts to {status} "
-                        "(the item kept failing or its worker kept dying)",
-                    )
-                    continue
-                item.lease_owner = None
-                item.lease_until = now + timedelta(seconds=lease_ttl)
-                item.dispatches += 1
-                item.updated_at = now
-                redo.append(item.id)
-        return redo
+            for node in list(rows):
+                if self._apply(s, node, nodes.Redispatch(), now):
+                    s.refresh(node)
+                    if node.state == state:
+                        handed.append(node.id)
+        return handed
+
+    def collect_now(self) -> None:
+        """Make every collecting node that waits for company due now."""
+        now = self.now()
+        with self._tx() as s:
+            s.execute(
+                update(NodeRow)
+                .where(
+                    NodeRow.state == NodeState.COLLECTING,
+                    NodeRow.claimed_until.is_(None),
+                    NodeRow.due_at > now,
+                )
+                .values(due_at=now)
+            )
 
     def in_flight_jobs(self) -> list[InFlightJob]:
-        """Every submitted job that has not reached a terminal state."""
+        """Every submitted job of a running node that has not reached a terminal status."""
         with self._tx() as s:
             rows = s.execute(
-                select(JobRow).where(
+                select(JobRow, NodeRow.due_at, NodeRow.expected_outputs)
+                .join(NodeRow, JobRow.node_id == NodeRow.id)
+                .where(
                     JobRow.scenario_job_id.is_not(None),
-                    JobRow.state.in_(
-                        [
-                            JobState.PENDING,
-                            JobState.QUEUED,
-                            JobState.WARMING_UP,
-                            JobState.IN_PROGRESS,
-                            JobState.FINALIZING,
-                        ]
-                    ),
+                    JobRow.status.in_(ACTIVE_JOB_STATUSES),
+                    NodeRow.state == NodeState.RUNNING,
                 )
-            ).scalars()
+            ).all()
             return [
                 InFlightJob(
                     row_id=j.id,
                     scenario_job_id=j.scenario_job_id or "",
-                    item_id=j.item_id,
+                    node_id=j.node_id,
                     model=j.model,
-                    state=j.state,
+                    job_type=j.job_type or "custom",
                     polls=j.polls,
                     accepted_at=j.accepted_at or j.intent_at,
-                    next_poll_at=j.next_poll_at,
-                    last_polled_at=j.last_polled_at,
+                    due_at=due_at,
+                    expected_outputs=expected,
                 )
-                for j in rows
+                for j, due_at, expected in rows
             ]
 
     def expected_duration(self, model: str, sample: int = 20) -> float | None:
@@ -583,7 +781,7 @@ class Repository:
                 select(JobRow.remote_created_at, JobRow.remote_updated_at)
                 .where(
                     JobRow.model == model,
-                    JobRow.state == JobState.SUCCESS,
+                    JobRow.status == JobStatus.SUCCESS,
                     JobRow.remote_created_at.is_not(None),
                     JobRow.remote_updated_at.is_not(None),
                 )
@@ -593,76 +791,95 @@ class Repository:
         durations = sorted((f - a).total_seconds() for a, f in rows if a and f)
         return durations[len(durations) // 2] if durations else None
 
-    def schedule_polls(self, schedule: dict[int, datetime], polled: bool) -> None:
-        """Set next_poll_at for job rows (and count a poll when they were looked at)."""
+    def schedule_polls(self, schedule: dict[tuple[int, int], datetime]) -> None:
+        """Set the next look at running jobs: {(job row id, node id): when} (a poll counted)."""
         with self._tx() as s:
             now = self.now()
-            for row_id, when in schedule.items():
-                values: dict[str, Any] = {"next_poll_at": when}
-                if polled:
-                    values.update(polls=JobRow.polls + 1, last_polled_at=now)
-                s.execute(update(JobRow).where(JobRow.id == row_id).values(**values))
+            for (row_id, node_id), when in schedule.items():
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == row_id)
+                    .values(polls=JobRow.polls + 1)
+                    .execution_options(synchronize_session=False)
+                )
+                s.execute(
+                    update(NodeRow)
+                    .where(NodeRow.id == node_id, NodeRow.state == NodeState.RUNNING)
+                    .values(due_at=when, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
 
-    def apply_job_state(
-        self,
-        row_id: int,
-        *,
-        state: JobState,
-        progress: float,
-        remote_updated_at: datetime | None,
-        asset_ids: Sequence[str] = (),
-        cost: float | None = None,
-        error: str | None = None,
-        hint: str | None = None,
-        retry_delay: float = 0.0,
-        collect_delay: float = 0.0,
-    ) -> ItemStatus | None:
-        """Record a job's remote state; on a terminal state, move its item on.
+    def apply_job(self, row_id: int, job: Job, *, collect_now: bool = False) -> NodeState | None:
+        """Record what Scenario says of a job; on a terminal status, move its node on.
 
-        Returns the item's new status when it changed (collecting, pending for a new
-        attempt, failed, canceled), else None.
+        Returns the node's new state when it changed, else None.
         """
         now = self.now()
         with self._tx() as s:
-            job = s.get(JobRow, row_id)
-            if job is None or job.state.terminal:
+            row = s.get(JobRow, row_id)
+            if row is None or (row.status is not None and row.status.terminal):
                 return None
-            job.state = state
-            job.progress = progress
-            job.remote_updated_at = remote_updated_at or job.remote_updated_at
-            if cost is not None:
-                job.cost_cu = cost
-            if not state.terminal:
+            row.status = job.status
+            row.progress = job.progress
+            row.remote_updated_at = job.updated_at or row.remote_updated_at
+            if job.cost is not None:
+                row.cost_cu = job.cost
+            if not job.status.terminal:
                 return None
-            job.finished_at = now
-            job.next_poll_at = None
-            item = s.get(ItemRow, job.item_id)
-            if item is None or item.status != ItemStatus.RUNNING:
+            row.finished_at = now
+            node = s.get(NodeRow, row.node_id)
+            if node is None:
                 return None
-            if state == JobState.SUCCESS:
-                job.asset_ids = {"ids": list(asset_ids)}
-                item.status = ItemStatus.COLLECTING
-                item.lease_owner = None
-                # Collected once this passes, together with whatever finished meanwhile:
-                # one get-bulk for the batch instead of one per tick.
-                item.lease_until = now + timedelta(seconds=collect_delay)
-                item.next_attempt_at = None
-                item.updated_at = now
-                return item.status
-            job.error = error
-            job.hint = hint
-            if state == JobState.CANCELED:
-                _finish_item(s, item, ItemStatus.CANCELED, now, error=error or "job canceled")
-                return item.status
-            if item.attempts < item.max_attempts:
-                item.status = ItemStatus.PENDING
-                item.next_attempt_at = now + timedelta(seconds=retry_delay)
-                item.error = error
-                item.hint = hint
-                item.updated_at = now
-                return item.status
-            _finish_item(s, item, ItemStatus.FAILED, now, error=error or "job failed", hint=hint)
-            return item.status
+            event: Event
+            if job.status == JobStatus.SUCCESS:
+                ids = tuple(job.asset_ids)
+                if len(ids) > node.expected_outputs and node.output_template is not None:
+                    event = nodes.Fail(
+                        f"job {job.id} returned {len(ids)} outputs where {node.expected_outputs} "
+                        "were expected; their storage keys would collide"
+                    )
+                else:
+                    self._record_output_assets(s, node, row, ids)
+                    event = nodes.Succeeded(ids, collect_now=collect_now)
+            elif job.status == JobStatus.CANCELED:
+                event = nodes.JobCanceled(job.error or f"job {job.id} was canceled")
+            else:
+                row.error = nodes.cut(job.error)
+                row.hint = nodes.cut(job.hint)
+                event = nodes.JobFailed(job.error or f"job {job.id} failed", job.hint)
+            before = node.state
+            if self._apply(s, node, event, now):
+                s.refresh(node)
+                return node.state if node.state != before else None
+            return None
+
+    def _record_output_assets(
+        self, s: Session, node: NodeRow, job: JobRow, asset_ids: Sequence[str]
+    ) -> None:
+        """Asset rows for a job's outputs, each linked to the asset it was made from."""
+        parent_id = None
+        if node.input_asset:
+            parent_id = s.execute(
+                select(AssetRow.id).where(AssetRow.scenario_asset_id == node.input_asset)
+            ).scalar_one_or_none()
+        existing = set(
+            s.execute(
+                select(AssetRow.scenario_asset_id).where(
+                    AssetRow.scenario_asset_id.in_(list(asset_ids))
+                )
+            ).scalars()
+        )
+        for index, asset_id in enumerate(asset_ids):
+            if asset_id not in existing:
+                s.add(
+                    AssetRow(
+                        scenario_asset_id=asset_id,
+                        role=AssetRole.OUTPUT,
+                        job_id=job.id,
+                        output_index=index,
+                        parent_id=parent_id,
+                    )
+                )
 
     def refresh_runs(self) -> list[str]:
         """Derive the status of running runs from their items; return runs that finished."""
@@ -696,123 +913,119 @@ class Repository:
                 ).scalars()
             )
 
-    def cancel_run_items(self, run_id: str, reason: str) -> list[str]:
-        """Cancel every unfinished item of a run; return the Scenario job ids still in flight."""
+    def cancel_run_nodes(self, run_id: str, reason: str) -> list[str]:
+        """Cancel every unfinished node of a run; return the Scenario job ids still in flight."""
+        return self._end_run_nodes(run_id, nodes.Cancel(reason))
+
+    def fail_run(self, run_id: str, message: str) -> None:
+        """Stop a run: every unfinished node fails with `message` (e.g. bad credentials)."""
+        with self._tx() as s:
+            run = s.get(RunRow, run_id)
+            if run is not None:
+                run.error = message
+        self._end_run_nodes(run_id, nodes.Fail(message))
+
+    def _end_run_nodes(self, run_id: str, event: nodes.Cancel | nodes.Fail) -> list[str]:
         now = self.now()
         remote: list[str] = []
         with self._tx() as s:
-            items = s.execute(
-                select(ItemRow)
-                .where(
-                    ItemRow.run_id == run_id,
-                    ItemRow.status.not_in(list(FINAL_ITEM_STATUSES)),
+            unfinished = s.execute(
+                select(NodeRow).where(
+                    NodeRow.run_id == run_id, NodeRow.state.in_(list(nodes.UNFINISHED_STATES))
                 )
-                .options(selectinload(ItemRow.jobs))
             ).scalars()
-            for item in items:
-                for job in item.jobs:
-                    if job.scenario_job_id and not job.state.terminal:
-                        remote.append(job.scenario_job_id)
-                        job.state = JobState.CANCELED
-                        job.error = reason
-                        job.finished_at = now
-                _finish_item(s, item, ItemStatus.CANCELED, now, error=reason)
-        return remote
-
-    def fail_run(self, run_id: str, message: str) -> None:
-        """Stop a run: every unfinished item fails with `message` (e.g. bad credentials)."""
-        now = self.now()
-        with self._tx() as s:
-            run = s.get(RunRow, run_id)
-            if run is None:
-                return
-            run.error = message
+            for node in list(unfinished):
+                for job in s.execute(
+                    select(JobRow).where(
+                        JobRow.node_id == node.id,
+                        JobRow.scenario_job_id.is_not(None),
+                        JobRow.status.in_(ACTIVE_JOB_STATUSES),
+                    )
+                ).scalars():
+                    remote.append(job.scenario_job_id or "")
+                    job.status = JobStatus.CANCELED
+                    job.finished_at = now
+                self._apply(s, node, event, now)
             for item in s.execute(
                 select(ItemRow).where(
-                    ItemRow.run_id == run_id,
-                    ItemRow.status.not_in(list(FINAL_ITEM_STATUSES)),
+                    ItemRow.run_id == run_id, ItemRow.status.not_in(list(FINAL_ITEM_STATUSES))
                 )
             ).scalars():
-                _finish_item(s, item, ItemStatus.FAILED, now, error=message)
+                # An item whose nodes were never created (or all finished) is settled here.
+                self._refresh_item(s, item.id, now)
+                if not item.status.final:
+                    failed = isinstance(event, nodes.Fail)
+                    item.status = ItemStatus.FAILED if failed else ItemStatus.CANCELED
+                    item.error = event.reason
+                    item.finished_at = now
+        return remote
 
     # -- submit ---------------------------------------------------------------------------
 
-    def claim_item(self, item_id: int, owner: str, status: ItemStatus, lease_ttl: float) -> bool:
-        """Claim an item for one task; False if another task holds it or it moved on."""
-        now = self.now()
+    def submit_work(self, node_id: int) -> SubmitWork | None:
         with self._tx() as s:
-            return bool(
-                s.execute(
-                    update(ItemRow)
-                    .where(
-                        ItemRow.id == item_id,
-                        ItemRow.status == status,
-                        or_(
-                            ItemRow.lease_owner.is_(None),
-                            ItemRow.lease_until.is_(None),
-                            ItemRow.lease_until < now,
-                        ),
-                    )
-                    .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_ttl))
-                ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
-            )
-
-    def renew_claim(self, item_id: int, owner: str, status: ItemStatus, lease_ttl: float) -> bool:
-        """Extend a claim this owner still holds; False if the item was handed to another."""
-        now = self.now()
-        with self._tx() as s:
-            return bool(
-                s.execute(
-                    update(ItemRow)
-                    .where(
-                        ItemRow.id == item_id,
-                        ItemRow.status == status,
-                        ItemRow.lease_owner == owner,
-                        ItemRow.lease_until > now,
-                    )
-                    .values(lease_until=now + timedelta(seconds=lease_ttl))
-                ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
-            )
-
-    def submit_work(self, item_id: int) -> SubmitWork | None:
-        with self._tx() as s:
-            item = s.get(ItemRow, item_id)
-            if item is None:
+            node = s.get(NodeRow, node_id)
+            if node is None:
                 return None
             intent = s.execute(
                 select(JobRow)
-                .where(JobRow.item_id == item_id, JobRow.state == JobState.INTENT)
+                .where(
+                    JobRow.node_id == node_id,
+                    JobRow.scenario_job_id.is_(None),
+                    JobRow.finished_at.is_(None),
+                )
                 .order_by(JobRow.id.desc())
                 .limit(1)
             ).scalar_one_or_none()
             return SubmitWork(
-                item_id=item.id,
-                run_id=item.run_id,
-                model=item.model,
-                body=dict(item.body),
-                attempts=item.attempts,
-                max_attempts=item.max_attempts,
+                node_id=node.id,
+                run_id=node.run_id,
+                model=node.model,
+                endpoint=node.endpoint,
+                body=dict(node.body),
+                attempts=node.attempts,
+                max_attempts=node.max_attempts,
                 open_intent_id=intent.id if intent else None,
                 open_intent_at=intent.intent_at if intent else None,
             )
 
-    def record_intent(self, item_id: int, model: str) -> tuple[int, datetime]:
-        """Write the intent to submit (before the POST); returns (job row id, intent time)."""
+    def last_error(self, node_id: int) -> str | None:
+        """The newest error recorded for a node or its jobs (a failure's real cause)."""
+        with self._tx() as s:
+            node = s.get(NodeRow, node_id)
+            if node is None:
+                return None
+            job_error = s.execute(
+                select(JobRow.error)
+                .where(JobRow.node_id == node_id, JobRow.error.is_not(None))
+                .order_by(JobRow.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            return node.error or job_error
+
+    def record_intent(self, node_id: int, owner: str) -> int | None:
+        """Write the intent to submit (before the POST) under our claim; the job row id."""
         now = self.now()
         with self._tx() as s:
-            item = s.get(ItemRow, item_id)
-            assert item is not None
-            item.attempts += 1
-            job = JobRow(
-                item_id=item_id,
-                attempt=item.attempts,
-                model=model,
-                state=JobState.INTENT,
-                intent_at=now,
-            )
+            taken = s.execute(
+                update(NodeRow)
+                .where(
+                    NodeRow.id == node_id,
+                    NodeRow.state == NodeState.SUBMITTING,
+                    NodeRow.claim_owner == owner,
+                )
+                .values(attempts=NodeRow.attempts + 1, updated_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+            if not taken:
+                return None
+            node = s.get(NodeRow, node_id)
+            assert node is not None
+            s.refresh(node)
+            job = JobRow(node_id=node_id, attempt=node.attempts, model=node.model, intent_at=now)
             s.add(job)
             s.flush()
-            return job.id, now
+            return job.id
 
     def known_job_ids(self, scenario_job_ids: Iterable[str]) -> set[str]:
         ids = list(scenario_job_ids)
@@ -826,95 +1039,45 @@ class Repository:
                 )
         return known
 
-    def record_submitted(
-        self,
-        row_id: int,
-        *,
-        scenario_job_id: str,
-        state: JobState,
-        cost: float | None,
-        remote_created_at: datetime | None,
-        next_poll_at: datetime,
-    ) -> None:
-        """The POST answered (or reconciliation found the job): the item is running."""
+    def record_accepted(self, row_id: int, job: Job, cost: float | None, first_poll: float) -> None:
+        """The POST answered (or reconciliation found the job): the node is running."""
         now = self.now()
         with self._tx() as s:
-            job = s.get(JobRow, row_id)
-            assert job is not None
-            job.scenario_job_id = scenario_job_id
-            job.state = state if state != JobState.INTENT else JobState.PENDING
-            job.cost_cu = cost
-            job.accepted_at = now
-            job.remote_created_at = remote_created_at
-            job.next_poll_at = next_poll_at
-            item = s.get(ItemRow, job.item_id)
-            assert item is not None
-            if item.status == ItemStatus.SUBMITTING:
-                item.status = ItemStatus.RUNNING
-                item.lease_owner = None
-                item.lease_until = None
-                item.updated_at = now
+            row = s.get(JobRow, row_id)
+            assert row is not None
+            row.scenario_job_id = job.id
+            row.job_type = job.job_type or "custom"
+            row.status = JobStatus.PENDING if job.status.terminal else job.status
+            row.cost_cu = cost if cost is not None else job.cost
+            row.accepted_at = now
+            row.remote_created_at = job.created_at
+            node = s.get(NodeRow, row.node_id)
+            assert node is not None
+            self._apply(s, node, nodes.Accepted(first_poll), now)
 
-    def record_rejected(
-        self, row_id: int, *, error: str, retry_at: datetime | None, hint: str | None = None
-    ) -> None:
-        """The POST was refused: nothing was created. Retry later or fail the item."""
+    def record_refused(self, row_id: int, event: nodes.Throttled | nodes.Refused) -> None:
+        """The POST was refused: nothing was created or billed."""
         now = self.now()
         with self._tx() as s:
-            job = s.get(JobRow, row_id)
-            assert job is not None
-            job.state = JobState.REJECTED
-            job.error = error
-            job.finished_at = now
-            item = s.get(ItemRow, job.item_id)
-            assert item is not None
-            item.attempts -= 1  # attempts count jobs Scenario accepted, not refusals
-            if retry_at is None:
-                _finish_item(s, item, ItemStatus.FAILED, now, error=error, hint=hint)
-            else:
-                item.status = ItemStatus.PENDING
-                item.next_attempt_at = retry_at
-                item.lease_owner = None
-                item.lease_until = None
-                item.updated_at = now
-
-    def release_item(self, item_id: int, owner: str, retry_at: datetime, error: str) -> None:
-        """Give a claimed item back: the sweeper re-dispatches it at `retry_at`."""
-        with self._tx() as s:
-            s.execute(
-                update(ItemRow)
-                .where(ItemRow.id == item_id, ItemRow.lease_owner == owner)
-                .values(
-                    lease_owner=None,
-                    lease_until=retry_at,
-                    next_attempt_at=retry_at,
-                    error=error,
-                    updated_at=self.now(),
-                )
-            )
-
-    def fail_item(self, item_id: int, error: str, hint: str | None = None) -> None:
-        with self._tx() as s:
-            item = s.get(ItemRow, item_id)
-            if item is not None and not item.status.final:
-                _finish_item(s, item, ItemStatus.FAILED, self.now(), error=error, hint=hint)
+            row = s.get(JobRow, row_id)
+            assert row is not None
+            row.error = event.error
+            row.finished_at = now
+            node = s.get(NodeRow, row.node_id)
+            assert node is not None
+            self._apply(s, node, event, now)
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def find_input_asset(self, content_sha256: str, api_host: str) -> tuple[int, str] | None:
-        """An uploaded input with these bytes on this API: (row id, Scenario asset id)."""
+    def find_input_assets(self, api_host: str) -> dict[str, tuple[int, str]]:
+        """Uploaded inputs on this API: content sha256 -> (row id, newest Scenario asset id)."""
         with self._tx() as s:
-            row = s.execute(
-                select(AssetRow)
-                .where(
-                    AssetRow.role == AssetRole.INPUT,
-                    AssetRow.content_sha256 == content_sha256,
-                    AssetRow.api_host == api_host,
-                )
-                .order_by(AssetRow.id.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-            return (row.id, row.scenario_asset_id) if row else None
+            rows = s.execute(
+                select(AssetRow.content_sha256, AssetRow.id, AssetRow.scenario_asset_id)
+                .where(AssetRow.role == AssetRole.INPUT, AssetRow.api_host == api_host)
+                .order_by(AssetRow.id)
+            ).all()
+        return {sha: (row_id, asset) for sha, row_id, asset in rows if sha}
 
     def record_input_asset(
         self, scenario_asset_id: str, content_sha256: str, api_host: str, mime_type: str
@@ -933,41 +1096,70 @@ class Repository:
 
     # -- collect --------------------------------------------------------------------------
 
-    def collect_work(self, item_id: int) -> CollectWork | None:
+    def collect_work(self, node_id: int) -> CollectWork | None:
         with self._tx() as s:
-            item = s.execute(
-                select(ItemRow)
-                .where(ItemRow.id == item_id)
-                .options(
-                    selectinload(ItemRow.jobs),
-                    selectinload(ItemRow.objects),
-                    selectinload(ItemRow.run).selectinload(RunRow.manifest),
-                )
-            ).scalar_one_or_none()
-            if item is None or not item.jobs or item.jobs[-1].state != JobState.SUCCESS:
+            row = s.execute(
+                select(NodeRow, ItemRow, ManifestRow.name)
+                .join(ItemRow, NodeRow.item_id == ItemRow.id)
+                .join(RunRow, ItemRow.run_id == RunRow.id)
+                .join(ManifestRow, RunRow.manifest_id == ManifestRow.id)
+                .where(NodeRow.id == node_id)
+            ).first()
+            if row is None:
                 return None
-            job = item.jobs[-1]
+            node, item, manifest_name = row
+            ids = tuple((node.outputs or {}).get("ids") or ())
+            if not ids or node.output_template is None:
+                return None
+            source = node.reused_from_id or node.id
+            job_id = s.execute(
+                select(JobRow.scenario_job_id)
+                .where(JobRow.node_id == source, JobRow.status == JobStatus.SUCCESS)
+                .order_by(JobRow.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            stored = s.execute(
+                select(ObjectRow.output_index, ObjectRow.key, ObjectRow.sha256).where(
+                    ObjectRow.node_id == node_id
+                )
+            ).all()
             return CollectWork(
-                item_id=item.id,
-                run_id=item.run_id,
-                manifest_name=item.run.manifest.name,
+                node_id=node.id,
+                run_id=node.run_id,
+                manifest_name=manifest_name,
                 manifest_item_id=item.manifest_item_id,
                 item_key=item.item_key,
                 seed=item.seed,
-                model=item.model,
-                trained_model=item.trained_model,
-                output_template=item.output_template,
-                job_row_id=job.id,
-                scenario_job_id=job.scenario_job_id or "",
-                asset_ids=tuple((job.asset_ids or {}).get("ids", [])),
-                stored={o.output_index: (o.key, o.sha256) for o in item.objects},
+                model=node.model,
+                trained_model=item.trained_model if node.step == 0 else None,
+                step=node.step,
+                branch=node.branch,
+                expected_outputs=node.expected_outputs,
+                final=node.final,
+                node_key=node.node_key,
+                input_asset=node.input_asset,
+                output_template=node.output_template,
+                overwrite=item.recipe.get("overwrite", "replace") != "never",
+                scenario_job_id=job_id or "",
+                asset_ids=ids,
+                stored={index: (key, sha) for index, key, sha in stored},
             )
+
+    def stored_copy(self, scenario_asset_id: str, key: str) -> str | None:
+        """The sha256 of an object recorded earlier at `key` for this very asset, if any."""
+        with self._tx() as s:
+            return s.execute(
+                select(ObjectRow.sha256)
+                .join(AssetRow, ObjectRow.asset_id == AssetRow.id)
+                .where(AssetRow.scenario_asset_id == scenario_asset_id, ObjectRow.key == key)
+                .order_by(ObjectRow.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
 
     def record_output(
         self,
         *,
-        item_id: int,
-        job_row_id: int,
+        node_id: int,
         index: int,
         scenario_asset_id: str,
         mime_type: str | None,
@@ -981,36 +1173,35 @@ class Repository:
         content_type: str,
         public_url: str | None,
     ) -> None:
-        """Record one stored output and the Scenario asset it came from (idempotent)."""
+        """Record one stored output and what is known of its Scenario asset (idempotent)."""
         with self._tx() as s:
+            node = s.get(NodeRow, node_id)
+            assert node is not None
             asset = s.execute(
                 select(AssetRow).where(AssetRow.scenario_asset_id == scenario_asset_id)
             ).scalar_one_or_none()
             if asset is None:
-                asset = AssetRow(
-                    scenario_asset_id=scenario_asset_id,
-                    role=AssetRole.OUTPUT,
-                    job_id=job_row_id,
-                    output_index=index,
-                    mime_type=mime_type,
-                    width=width,
-                    height=height,
-                    source_host=source_host,
-                )
+                asset = AssetRow(scenario_asset_id=scenario_asset_id, role=AssetRole.OUTPUT)
                 s.add(asset)
-                s.flush()
+            asset.mime_type = mime_type or asset.mime_type
+            asset.width = width or asset.width
+            asset.height = height or asset.height
+            asset.source_host = source_host or asset.source_host
+            s.flush()
             existing = s.execute(
-                select(ObjectRow).where(
-                    ObjectRow.item_id == item_id, ObjectRow.output_index == index
+                select(ObjectRow.id).where(
+                    ObjectRow.node_id == node_id, ObjectRow.output_index == index
                 )
             ).scalar_one_or_none()
             if existing is not None:
                 return
             s.add(
                 ObjectRow(
-                    item_id=item_id,
+                    item_id=node.item_id,
+                    node_id=node_id,
                     asset_id=asset.id,
                     output_index=index,
+                    final=node.final,
                     uri=uri,
                     key=key,
                     sha256=sha256,
@@ -1021,141 +1212,49 @@ class Repository:
                 )
             )
 
-    def finish_collect(self, item_id: int, owner: str) -> bool:
-        """All outputs stored: the item succeeded."""
-        now = self.now()
-        with self._tx() as s:
-            item = s.get(ItemRow, item_id)
-            if item is None or item.status != ItemStatus.COLLECTING:
-                return False
-            _finish_item(s, item, ItemStatus.SUCCEEDED, now)
-            item.error = None
-            item.hint = None
-            return True
 
-    # -- lineage --------------------------------------------------------------------------
-
-    def lineage(self, ref: str, key_candidates: Sequence[str] = ()) -> list[dict[str, Any]]:
-        """Trace a storage URI or key, sha256, Scenario asset id or job id to its origin."""
-        with self._tx() as s:
-            conditions = [
-                ObjectRow.uri == ref,
-                ObjectRow.key == ref,
-                ObjectRow.sha256 == ref.lower(),
-                AssetRow.scenario_asset_id == ref,
-                JobRow.scenario_job_id == ref,
-            ]
-            for candidate in key_candidates:
-                conditions += [ObjectRow.key == candidate, ObjectRow.uri == candidate]
-            rows = s.execute(
-                select(ObjectRow, AssetRow, JobRow, ItemRow, RunRow, ManifestRow)
-                .join(AssetRow, ObjectRow.asset_id == AssetRow.id)
-                .join(ItemRow, ObjectRow.item_id == ItemRow.id)
-                .join(JobRow, AssetRow.job_id == JobRow.id)
-                .join(RunRow, ItemRow.run_id == RunRow.id)
-                .join(ManifestRow, RunRow.manifest_id == ManifestRow.id)
-                .where(or_(*conditions))
-                .order_by(ObjectRow.id)
-            ).all()
-            docs = []
-            for obj, asset, job, item, run, manifest in rows:
-                inputs = s.execute(
-                    select(ItemInputRow, AssetRow)
-                    .outerjoin(AssetRow, ItemInputRow.asset_id == AssetRow.id)
-                    .where(ItemInputRow.item_id == item.id)
-                ).all()
-                docs.append(
-                    {
-                        "object": _output_doc(obj)
-                        | {
-                            "key": obj.key,
-                            "content_type": obj.content_type,
-                            "stored_at": obj.created_at.isoformat(),
-                        },
-                        "run": {
-                            "id": run.id,
-                            "status": str(run.status),
-                            "trigger": run.trigger,
-                            "created_at": run.created_at.isoformat(),
-                            "git_sha": run.git_sha,
-                        },
-                        "manifest": {
-                            "name": manifest.name,
-                            "path": manifest.path,
-                            "sha256": manifest.sha256,
-                        },
-                        "item": {
-                            "id": item.manifest_item_id,
-                            "line": item.line,
-                            "item_key": item.item_key,
-                            "prompt": item.prompt,
-                            "seed": item.seed,
-                            "model": item.model,
-                            "trained_model": item.trained_model,
-                            "params": item.params,
-                        },
-                        "job": {
-                            "id": job.scenario_job_id,
-                            "attempt": job.attempt,
-                            "status": str(job.state),
-                            "creative_units": job.cost_cu,
-                            "submitted_at": job.accepted_at.isoformat()
-                            if job.accepted_at
-                            else None,
-                            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-                        },
-                        "asset": {
-                            "id": asset.scenario_asset_id,
-                            "index": asset.output_index,
-                            "mime_type": asset.mime_type,
-                            "width": asset.width,
-                            "height": asset.height,
-                            "source_host": asset.source_host,
-                        },
-                        "inputs": [
-                            {
-                                "role": inp.role,
-                                "path": inp.path,
-                                "sha256": inp.sha256,
-                                "asset_id": a.scenario_asset_id if a else None,
-                            }
-                            for inp, a in inputs
-                        ],
-                    }
-                )
-            return docs
+def _facts(node: NodeRow) -> Facts:
+    return Facts(
+        state=node.state,
+        attempts=node.attempts,
+        max_attempts=node.max_attempts,
+        tries=node.tries,
+        stores_outputs=node.output_template is not None,
+        error=node.error,
+    )
 
 
-def _output_doc(obj: ObjectRow) -> dict[str, Any]:
-    return {
-        "index": obj.output_index,
-        "uri": obj.uri,
-        "sha256": obj.sha256,
-        "bytes": obj.bytes,
-        "asset_id": obj.asset.scenario_asset_id if obj.asset else None,
-        "public_url": obj.public_url,
-    }
+def _values(change: Change) -> dict[str, Any]:
+    values: dict[str, Any] = {"state": change.state}
+    for name, value in change.values.items():
+        column = getattr(NodeRow, name)
+        values[name] = column + value.by if isinstance(value, Inc) else value
+    return values
 
 
-def _finish_item(
-    s: Session,
-    item: ItemRow,
-    status: ItemStatus,
-    now: datetime,
-    *,
-    error: str | None = None,
-    hint: str | None = None,
-) -> None:
-    item.status = status
-    item.finished_at = now
-    item.updated_at = now
-    item.lease_owner = None
-    item.lease_until = None
-    item.next_attempt_at = None
-    if error is not None:
-        item.error = error
-    if hint is not None:
-        item.hint = hint
+def _guard_redispatchable(now: datetime) -> list[Any]:
+    return [
+        or_(
+            and_(
+                NodeRow.claimed_until.is_(None),
+                or_(NodeRow.due_at.is_(None), NodeRow.due_at <= now),
+            ),
+            NodeRow.claimed_until < now,
+        )
+    ]
+
+
+def _guard(change: Change, now: datetime) -> list[Any]:
+    if change.guard == Guard.OWNER:
+        return [NodeRow.claim_owner == change.owner, NodeRow.claimed_until > now]
+    if change.guard == Guard.CLAIMABLE:
+        return [
+            NodeRow.claimed_until.is_not(None),
+            or_(NodeRow.claim_owner.is_(None), NodeRow.claimed_until < now),
+        ]
+    if change.guard == Guard.REDISPATCHABLE:
+        return _guard_redispatchable(now)
+    return []
 
 
 def _refresh_run_status(s: Session, run: RunRow, now: datetime) -> bool:
@@ -1189,6 +1288,7 @@ def _chunks(seq: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 __all__ = [
     "CollectWork",
     "InFlightJob",
+    "KeyOwner",
     "NewItem",
     "Repository",
     "StoredOutput",

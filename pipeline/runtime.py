@@ -125,11 +125,11 @@ class CeleryDispatcher:
     """Sends task messages. A lost message is harmless: the item's lease expires and the
     sweeper sends it again, so broker trouble is logged, not raised."""
 
-    def submit(self, item_id: int) -> None:
-        self._send("pipeline.submit", [item_id])
+    def submit(self, node_id: int) -> None:
+        self._send("pipeline.submit", [node_id])
 
-    def collect(self, item_ids: Sequence[int]) -> None:
-        self._send("pipeline.collect", [list(item_ids)])
+    def collect(self, node_ids: Sequence[int]) -> None:
+        self._send("pipeline.collect", [list(node_ids)])
 
     def _send(self, name: str, args: list[Any]) -> None:
         try:

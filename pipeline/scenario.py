@@ -444,14 +444,17 @@ class ScenarioClient:
         model_id: str,
         body: dict[str, Any],
         *,
+        endpoint: str = "custom",
         before_send: Callable[[], None] | None = None,
     ) -> Submission:
         """Start a generation job. Never retried: a retried POST could pay twice.
 
+        `endpoint` "custom" posts to /generate/custom/{model_id}; any other inference type
+        posts to /generate/{endpoint}, where the body carries the model as `modelId`.
         `before_send` runs after the governor let the request through and right before it
         is sent; raising there aborts without sending (a caller re-checks its claim).
         """
-        path = f"/generate/custom/{quote(model_id, safe='')}"
+        path = generation_path(model_id, endpoint)
         data = self._call("POST", path, json=body, retry=False, before_send=before_send)
         cost = data.get("creativeUnitsCost")
         return Submission(
@@ -459,9 +462,9 @@ class ScenarioClient:
             creative_units=float(cost) if isinstance(cost, int | float) else None,
         )
 
-    def dry_run(self, model_id: str, body: dict[str, Any]) -> float:
+    def dry_run(self, model_id: str, body: dict[str, Any], endpoint: str = "custom") -> float:
         """Validate inputs and price a generation without running it (HTTP 269)."""
-        path = f"/generate/custom/{quote(model_id, safe='')}"
+        path = generation_path(model_id, endpoint)
         # Not retried either: were dryRun ever ignored, a retry would pay twice.
         response = self._request("POST", path, params={"dryRun": "true"}, json=body, retry=False)
         data = self._json("POST", path, response)
@@ -487,6 +490,7 @@ class ScenarioClient:
         *,
         status: str | None = None,
         job_type: str | None = None,
+        job_types: Sequence[str] = (),
         updated_after: datetime | None = None,
         created_after: datetime | None = None,
         page_size: int = 100,
@@ -497,7 +501,7 @@ class ScenarioClient:
         only `updated_after`; without them it sorts by creation and accepts only
         `created_after`. Other combinations raise ValueError before any request.
         """
-        filtered = bool(status or job_type)
+        filtered = bool(status or job_type or job_types)
         if updated_after is not None and not filtered:
             raise ValueError("updated_after needs status or job_type (an API rule)")
         if created_after is not None and filtered:
@@ -507,6 +511,8 @@ class ScenarioClient:
             params["status"] = status
         if job_type:
             params["type"] = job_type
+        if job_types:  # as the official SDK sends arrays: types[]=a&types[]=b
+            params["types[]"] = sorted(set(job_types))
         if updated_after is not None:
             params["updatedAfter"] = format_time(updated_after)
         if created_after is not None:
@@ -626,6 +632,13 @@ def _iter_body(where: str, response: httpx.Response, chunk_size: int) -> Iterato
         # Content-Length counts the compressed bytes: compare the raw count instead.
         received = response.num_bytes_downloaded
     check_complete(where, received, expected)
+
+
+def generation_path(model_id: str, endpoint: str = "custom") -> str:
+    """The URL path that runs a model: /generate/custom/{model} or /generate/{endpoint}."""
+    if endpoint == "custom":
+        return f"/generate/custom/{quote(model_id, safe='')}"
+    return f"/generate/{quote(endpoint, safe='')}"
 
 
 def format_time(value: datetime) -> str:

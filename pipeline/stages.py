@@ -2,13 +2,8 @@
 
 They take a `Context` (repository, Scenario client, storage, dispatcher, tuning) and never
 import Celery: the tasks in `tasks.py` are thin wrappers, and tests call these directly.
-
-The state machine of an item (all in SQL):
-
-    pending ─sweeper─> submitting ─submit─> running ─sweeper─> collecting ─collect─> succeeded
-       ^                  │ (429: back to pending)  │ failure (attempts left)
-       └──────────────────┴─────────────────────────┘
-    any of them ──> failed | canceled (deadline) ;  skipped (stored earlier, never submitted)
+Each stage talks to Scenario or the bucket and turns what happened into an event of
+`pipeline.nodes`; the repository persists the transition that event makes.
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from pipeline import nodes
 from pipeline.errors import (
     ApiPermanentError,
     ApiTransientError,
@@ -35,7 +31,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.keys import render_key
-from pipeline.models import ItemStatus, JobState
+from pipeline.nodes import NodeState
 from pipeline.repository import CollectWork, InFlightJob, Repository, SubmitWork
 from pipeline.retry import Backoff, poll_delay
 from pipeline.scenario import Asset, Job, ScenarioClient
@@ -44,8 +40,6 @@ from pipeline.storage import Storage, StoredObject
 logger = logging.getLogger(__name__)
 
 SWEEPER_LEASE = "sweeper"
-# Jobs made by POST /generate/custom/{modelId}; GET /jobs needs a type to filter by update.
-GENERATION_JOB_TYPE = "custom"
 POLL_CAP = 30.0  # never leave a job unlooked-at longer than this
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
@@ -53,9 +47,9 @@ MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "imag
 class Dispatcher(Protocol):
     """Hands work to workers (Celery in production, direct calls in some tests)."""
 
-    def submit(self, item_id: int) -> None: ...
+    def submit(self, node_id: int) -> None: ...
 
-    def collect(self, item_ids: Sequence[int]) -> None: ...
+    def collect(self, node_ids: Sequence[int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -63,8 +57,8 @@ class Tuning:
     """Timing knobs. Defaults suit the real API; tests and benchmarks scale them down."""
 
     parallel_jobs: int = 4
-    lease_seconds: float = 90.0  # a task holding an item longer than this is presumed dead
-    max_dispatches: int = 12  # poison guard: tasks handed out for one item before it fails
+    lease_seconds: float = 90.0  # a task holding a node longer than this is presumed dead
+    max_dispatches: int = 12  # poison guard: tasks handed out for one node before it fails
     list_interval: float = 1.0  # least time between two GET /jobs list polls
     list_overlap: float = 10.0  # updatedAfter margin for clock skew and late writes
     list_max_pages: int = 10  # beyond this, fall back to per-job polls for due jobs
@@ -72,14 +66,24 @@ class Tuning:
     straggler_default: float = 20.0  # a job the list never showed gets its own GET after 3x
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
-    collect_batch: int = 25  # items per collect task (one get-bulk for all their assets)
-    collect_delay: float = 1.0  # gather finished items this long into one collect task
+    collect_batch: int = 25  # nodes per collect task (one get-bulk for all their assets)
+    collect_delay: float = 1.0  # gather finished nodes this long into one collect task
     coalesce_fraction: float = 0.05  # of a job's expected duration, to batch list polls
     download_attempts: int = 4
     tick: float = 0.5  # the sweeper's idle wake-up period
     backoff: Backoff = field(
         default_factory=lambda: Backoff(initial=1.0, multiplier=2.0, maximum=60.0, max_attempts=12)
     )
+
+    def policy(self) -> nodes.Policy:
+        """The node transition rules these timings imply."""
+        return nodes.Policy(
+            lease=self.lease_seconds,
+            max_tries=self.max_dispatches,
+            resubmit_delay=self.resubmit_delay,
+            collect_delay=self.collect_delay,
+            backoff=self.backoff,
+        )
 
 
 @dataclass
@@ -95,6 +99,10 @@ class Context:
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
 
+    def __post_init__(self) -> None:
+        self.repo.policy = self.tuning.policy()
+        self.repo.rng = self.rng
+
     def now(self) -> datetime:
         return self.repo.now()
 
@@ -105,12 +113,12 @@ class Context:
 # -- submit ------------------------------------------------------------------------------
 
 
-def submit_item(ctx: Context, item_id: int) -> str:
-    """Submit one item's generation exactly once; returns what happened (for logs/tests)."""
+def submit_node(ctx: Context, node_id: int) -> str:
+    """Submit one node's job exactly once; returns what happened (for logs/tests)."""
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
-    if not ctx.repo.claim_item(item_id, owner, ItemStatus.SUBMITTING, ctx.tuning.lease_seconds):
+    if not ctx.repo.transition(node_id, nodes.Claim(owner)):
         return "not-claimed"
-    work = ctx.repo.submit_work(item_id)
+    work = ctx.repo.submit_work(node_id)
     if work is None:
         return "missing"
     if work.open_intent_id is not None:
@@ -118,59 +126,65 @@ def submit_item(ctx: Context, item_id: int) -> str:
         try:
             found = reconcile(ctx, work)
         except TransientError as exc:
-            _release(ctx, item_id, owner, work.attempts, f"reconcile failed: {exc}")
+            ctx.repo.transition(
+                node_id, nodes.Release(owner, f"reconcile failed: {exc}", exc.retry_after)
+            )
             return "released"
         except AuthError as exc:
             ctx.repo.fail_run(work.run_id, _auth_message(exc))
             return "auth-failed"
         if found is not None:
             _record_accepted(ctx, work.open_intent_id, work.model, found, found.cost)
-            logger.info("item %s: reconciled with existing job %s", item_id, found.id)
+            logger.info("node %s: reconciled with existing job %s", node_id, found.id)
             return "reconciled"
         row_id = work.open_intent_id
     else:
         if work.attempts >= work.max_attempts:
-            ctx.repo.fail_item(item_id, f"no attempts left ({work.attempts}/{work.max_attempts})")
+            cause = ctx.repo.last_error(node_id) or "its jobs failed"
+            reason = f"{cause} (after {work.attempts} of {work.max_attempts} attempts)"
+            ctx.repo.transition(node_id, nodes.Fail(reason))
             return "exhausted"
-        row_id, _ = ctx.repo.record_intent(item_id, work.model)
+        intent = ctx.repo.record_intent(node_id, owner)
+        if intent is None:
+            return "claim-lost"
+        row_id = intent
 
     def still_ours() -> None:
-        # Our lease may have run out while we reconciled or waited for the governor, and
-        # the sweeper may have handed the item to another worker that will POST itself.
-        # Renewing it right before sending keeps the POST inside our lease (lease_seconds
+        # Our claim may have run out while we reconciled or waited for the governor, and
+        # the sweeper may have handed the node to another worker that will POST itself.
+        # Renewing it right before sending keeps the POST inside our claim (lease_seconds
         # is checked to exceed the HTTP timeout several times over).
-        if not ctx.repo.renew_claim(
-            item_id, owner, ItemStatus.SUBMITTING, ctx.tuning.lease_seconds
-        ):
-            raise _ClaimLost(item_id)
+        if not ctx.repo.transition(node_id, nodes.Renew(owner)):
+            raise _ClaimLost(node_id)
 
     try:
-        submission = ctx.client.generate(work.model, work.body, before_send=still_ours)
+        submission = ctx.client.generate(
+            work.model, work.body, endpoint=work.endpoint, before_send=still_ours
+        )
     except _ClaimLost:
-        logger.info("item %s: claim lost before the POST; another worker has it", item_id)
+        logger.info("node %s: claim lost before the POST; another worker has it", node_id)
         return "claim-lost"
     except AuthError as exc:
-        ctx.repo.record_rejected(row_id, error=_auth_message(exc), retry_at=None)
+        ctx.repo.record_refused(row_id, nodes.Refused(_auth_message(exc)))
         ctx.repo.fail_run(work.run_id, _auth_message(exc))
         return "auth-failed"
     except ApiTransientError as exc:
         if exc.status_code == 429:
             # Refused by a limit: nothing was created or billed, so no reconciliation.
-            delay = exc.retry_after if exc.retry_after is not None else ctx.tuning.resubmit_delay
-            ctx.repo.record_rejected(row_id, error=str(exc), retry_at=ctx.later(delay))
+            ctx.repo.record_refused(row_id, nodes.Throttled(exc.retry_after, str(exc)))
             return "throttled"
         # 5xx, reset or timeout: the job may exist. Keep the intent; the next try reconciles.
-        _release(ctx, item_id, owner, work.attempts, str(exc), exc.retry_after)
+        ctx.repo.transition(node_id, nodes.Release(owner, str(exc), exc.retry_after))
         return "released"
     except ApiPermanentError as exc:
-        ctx.repo.record_rejected(row_id, error=str(exc), retry_at=None, hint=exc.hint)
+        ctx.repo.record_refused(row_id, nodes.Refused(str(exc), exc.hint))
         return "rejected"
     _record_accepted(ctx, row_id, work.model, submission.job, submission.creative_units)
     return "submitted"
 
 
 class _ClaimLost(Exception):
-    """Our claim on an item expired and another task may own it now."""
+    """Our claim on a node expired and another task may own it now."""
 
 
 def reconcile(ctx: Context, work: SubmitWork) -> Job | None:
@@ -201,30 +215,9 @@ def _echoes(echoed: dict[str, Any], body: dict[str, Any]) -> bool:
 
 def _record_accepted(ctx: Context, row_id: int, model: str, job: Job, cost: float | None) -> None:
     expected = ctx.repo.expected_duration(model)
-    first = next_poll_in(0.0, expected, 0, ctx.rng)
-    state = JobState(str(job.status))
-    ctx.repo.record_submitted(
-        row_id,
-        scenario_job_id=job.id,
-        state=JobState.PENDING if state.terminal else state,
-        cost=cost if cost is not None else job.cost,
-        remote_created_at=job.created_at,
-        next_poll_at=ctx.later(first),
-    )
-    if state.terminal:  # a reconciled job may have finished meanwhile
-        _apply_remote(ctx, row_id, job)
-
-
-def _release(
-    ctx: Context,
-    item_id: int,
-    owner: str,
-    tries: int,
-    error: str,
-    retry_after: float | None = None,
-) -> None:
-    delay = ctx.tuning.backoff.delay(max(1, tries), rng=ctx.rng, retry_after=retry_after)
-    ctx.repo.release_item(item_id, owner, ctx.later(delay), error)
+    ctx.repo.record_accepted(row_id, job, cost, next_poll_in(0.0, expected, 0, ctx.rng))
+    if job.status.terminal:  # a reconciled job may have finished meanwhile
+        ctx.repo.apply_job(row_id, job)
 
 
 def _auth_message(exc: Exception) -> str:
@@ -264,7 +257,7 @@ class PollReport:
 
     list_calls: int = 0
     direct_calls: int = 0
-    finished: list[int] = field(default_factory=list)  # item ids now collecting
+    finished: list[int] = field(default_factory=list)  # node ids now collecting or done
     failed: int = 0
 
 
@@ -275,12 +268,12 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     if not jobs:
         return report
     now = ctx.now()
-    due = [j for j in jobs if j.next_poll_at is None or j.next_poll_at <= now]
+    due = [j for j in jobs if j.due_at is None or j.due_at <= now]
     if not due:
         return report
     # Jobs submitted together finish a little apart; waiting a few percent of their
     # duration past the first one lets one list call see the whole group finished.
-    earliest = min(j.next_poll_at or now for j in due)
+    earliest = min(j.due_at or now for j in due)
     window = (state.expected(ctx, due[0].model) or 0.0) * ctx.tuning.coalesce_fraction
     if now < earliest + timedelta(seconds=window):
         return report
@@ -291,7 +284,10 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     by_id = {j.scenario_job_id: j for j in jobs}
     seen: dict[str, Job] = {}
     list_ok = True
-    cursor_key = f"jobs-updated-after:{state.api_host}"
+    # Each endpoint makes jobs of its own type (custom, inference, upscale, ...); the list
+    # filters by the types in flight, which also lets it sort by update date.
+    types = sorted({j.job_type for j in jobs})
+    cursor_key = f"jobs-updated-after:{state.api_host}:{','.join(types)}"
     oldest = min(j.accepted_at for j in jobs) - timedelta(seconds=ctx.tuning.reconcile_window)
     stored = ctx.repo.get_cursor(cursor_key)
     watermark = max(oldest, datetime.fromisoformat(stored)) if stored else oldest
@@ -299,7 +295,7 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     try:
         report.list_calls = 1
         for count, job in enumerate(
-            ctx.client.iter_jobs(job_type=GENERATION_JOB_TYPE, updated_after=watermark), start=1
+            ctx.client.iter_jobs(job_types=types, updated_after=watermark), start=1
         ):
             if count > ctx.tuning.list_max_pages * 100:
                 list_ok = False  # a busy account: the list is too long to be cheap
@@ -318,8 +314,8 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
         if mark > watermark:
             ctx.repo.set_cursor(cursor_key, mark.isoformat())
     # Per-job GETs where the list cannot be trusted: it failed, or a job it never showed
-    # is long overdue (a job type the list filter does not cover, an eventually consistent
-    # index). Their own backoff schedule keeps these rare.
+    # is long overdue (a job type the list does not report as expected, an eventually
+    # consistent index). Their own backoff schedule keeps these rare.
     direct = [
         j
         for j in due
@@ -332,17 +328,25 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
             report.direct_calls += 1
         except (TransientError, ApiPermanentError) as exc:
             logger.warning("poll of job %s failed: %s", job_id, exc)
-    schedule: dict[int, datetime] = {}
+    finishing = [j for j in jobs if (p := seen.get(j.scenario_job_id)) and p.status.terminal]
+    # Nothing else is about to finish: collect what finished now rather than in a batch.
+    collect_now = len(finishing) == len(jobs)
+    schedule: dict[tuple[int, int], datetime] = {}
     for j in jobs:
         polled = seen.get(j.scenario_job_id)
-        if polled is not None and _apply(ctx, j, polled, report):
+        if polled is not None and polled.status.terminal:
+            _apply(ctx, j, polled, report, collect_now)
             continue
         if polled is None and not list_ok and j.scenario_job_id not in attempted:
             continue  # still due: polled on the next tick
+        if polled is not None:
+            ctx.repo.apply_job(j.row_id, polled)  # progress and status, not terminal
         expected = state.expected(ctx, j.model)
         elapsed = (now - j.accepted_at).total_seconds()
-        schedule[j.row_id] = now + timedelta(seconds=next_poll_in(elapsed, expected, j.polls))
-    ctx.repo.schedule_polls(schedule, polled=True)
+        schedule[(j.row_id, j.node_id)] = now + timedelta(
+            seconds=next_poll_in(elapsed, expected, j.polls)
+        )
+    ctx.repo.schedule_polls(schedule)
     return report
 
 
@@ -352,31 +356,13 @@ def _straggling(ctx: Context, state: SweeperState, job: InFlightJob, now: dateti
     return (now - job.accepted_at).total_seconds() > 3 * expected
 
 
-def _apply(ctx: Context, row: InFlightJob, job: Job, report: PollReport) -> bool:
-    """Record a polled job; True if it reached a terminal state."""
-    new_status = _apply_remote(ctx, row.row_id, job)
-    if new_status == ItemStatus.COLLECTING:
-        report.finished.append(row.item_id)
-    elif new_status is not None:
+def _apply(ctx: Context, row: InFlightJob, job: Job, report: PollReport, now: bool) -> None:
+    """Record a finished job and move its node on."""
+    new_state = ctx.repo.apply_job(row.row_id, job, collect_now=now)
+    if new_state in (NodeState.COLLECTING, NodeState.SUCCEEDED):
+        report.finished.append(row.node_id)
+    elif new_state is not None:
         report.failed += 1
-    return job.status.terminal
-
-
-def _apply_remote(ctx: Context, row_id: int, job: Job) -> ItemStatus | None:
-    """Record what Scenario says of a job; returns the item's new status, if it moved."""
-    state = JobState(str(job.status))
-    return ctx.repo.apply_job_state(
-        row_id,
-        state=state,
-        progress=job.progress,
-        remote_updated_at=job.updated_at,
-        asset_ids=job.asset_ids,
-        cost=job.cost,
-        error=job.error or (f"job {state}" if state == JobState.FAILURE else None),
-        hint=job.hint,
-        retry_delay=ctx.tuning.resubmit_delay,
-        collect_delay=ctx.tuning.collect_delay,
-    )
 
 
 # -- the sweeper -------------------------------------------------------------------------
@@ -425,41 +411,35 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         report.poll = poll_jobs(ctx, state)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
-    if ctx.repo.in_flight_count() == 0:
+    if ctx.repo.slots_in_use() == 0:
         # Nothing else will finish to share a get-bulk with: collect what waits, now.
-        ctx.repo.end_collect_delay()
-    to_collect = ctx.repo.expired_leases(
-        ItemStatus.COLLECTING, tuning.lease_seconds, tuning.max_dispatches
-    )
+        ctx.repo.collect_now()
+    to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
     if to_collect:
-        # The oldest finished item has waited long enough: take everyone waiting with it.
-        ctx.repo.end_collect_delay()
-        to_collect += ctx.repo.expired_leases(
-            ItemStatus.COLLECTING, tuning.lease_seconds, tuning.max_dispatches
-        )
+        # The oldest finished node has waited long enough: take everyone waiting with it.
+        ctx.repo.collect_now()
+        to_collect += ctx.repo.due_for_tasks(NodeState.COLLECTING)
     for start in range(0, len(to_collect), tuning.collect_batch):
         ctx.dispatch.collect(to_collect[start : start + tuning.collect_batch])
     report.collected = len(to_collect)
-    resubmit = ctx.repo.expired_leases(
-        ItemStatus.SUBMITTING, tuning.lease_seconds, tuning.max_dispatches
-    )
-    free = tuning.parallel_jobs - ctx.repo.in_flight_count()
-    fresh = ctx.repo.dispatch_pending(free, tuning.lease_seconds)
-    for item_id in resubmit + fresh:
-        ctx.dispatch.submit(item_id)
+    resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)
+    fresh = ctx.repo.dispatch_pending(tuning.parallel_jobs - ctx.repo.slots_in_use())
+    for node_id in resubmit + fresh:
+        ctx.dispatch.submit(node_id)
     report.submitted = len(resubmit) + len(fresh)
     report.finished_runs = ctx.repo.refresh_runs()
     return report
 
 
 def cancel_run(ctx: Context, run_id: str, reason: str) -> list[str]:
-    """Cancel a run's unfinished items and their remote jobs (best effort on the API)."""
-    remote = ctx.repo.cancel_run_items(run_id, reason)
+    """Cancel a run's unfinished nodes and their remote jobs (best effort on the API)."""
+    remote = ctx.repo.cancel_run_nodes(run_id, reason)
     for job_id in remote:
         try:
             ctx.client.cancel_job(job_id)
         except (TransientError, PermanentError) as exc:
             logger.warning("could not cancel job %s: %s", job_id, exc)
+    ctx.repo.refresh_runs()
     return remote
 
 
@@ -469,7 +449,11 @@ def _fail_running_runs(ctx: Context, message: str) -> None:
 
 
 class Sweeper:
-    """Runs `sweep` in a loop on a thread until stopped; many may run, one is active."""
+    """Runs `sweep` in a loop on a thread until stopped; many may run, one is active.
+
+    It never dies silently: an unexpected error fails the running runs with that error
+    (so `--wait` ends with it) and the loop goes on for runs started later.
+    """
 
     def __init__(self, ctx: Context, api_url: str) -> None:
         self.ctx = ctx
@@ -482,6 +466,14 @@ class Sweeper:
             return sweep(self.ctx, self.state)
         except TransientError as exc:
             logger.warning("sweep failed, will retry: %s", exc)
+            return TickReport()
+        except Exception as exc:
+            logger.exception("the sweeper hit an unexpected error; stopping the running runs")
+            message = f"the sweeper stopped the run on an unexpected error: {exc!r}"
+            try:
+                _fail_running_runs(self.ctx, nodes.cut(message) or message)
+            except Exception:  # the database itself is failing: the next tick retries
+                logger.exception("could not record the sweeper's error")
             return TickReport()
 
     def run(self) -> None:
@@ -508,57 +500,60 @@ class Sweeper:
 # -- collect -----------------------------------------------------------------------------
 
 
-def collect_items(ctx: Context, item_ids: Sequence[int]) -> dict[int, str]:
+def collect_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
     """Store the outputs of succeeded jobs; one get-bulk for the whole batch."""
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
     results: dict[int, str] = {}
     works: list[CollectWork] = []
-    for item_id in item_ids:
-        if not ctx.repo.claim_item(item_id, owner, ItemStatus.COLLECTING, ctx.tuning.lease_seconds):
-            results[item_id] = "not-claimed"
+    for node_id in node_ids:
+        if not ctx.repo.transition(node_id, nodes.Claim(owner)):
+            results[node_id] = "not-claimed"
             continue
-        work = ctx.repo.collect_work(item_id)
+        work = ctx.repo.collect_work(node_id)
         if work is None:
-            ctx.repo.fail_item(item_id, "no successful job to collect from")
-            results[item_id] = "failed"
+            ctx.repo.transition(
+                node_id, nodes.StoreFailed(owner, "no successful job to collect from")
+            )
+            results[node_id] = "failed"
             continue
         works.append(work)
     if not works:
         return results
-    wanted = [a for w in works for i, a in enumerate(w.asset_ids) if i not in w.stored]
+    wanted = sorted({a for w in works for i, a in enumerate(w.asset_ids) if i not in w.stored})
     try:
         assets = {a.id: a for a in ctx.client.get_assets(wanted)} if wanted else {}
     except TransientError as exc:
         for w in works:
-            _release(ctx, w.item_id, owner, 1, f"asset lookup failed: {exc}", exc.retry_after)
-            results[w.item_id] = "released"
+            event = nodes.Release(owner, f"asset lookup failed: {exc}", exc.retry_after)
+            ctx.repo.transition(w.node_id, event)
+            results[w.node_id] = "released"
         return results
     except AuthError as exc:
         for w in works:
             ctx.repo.fail_run(w.run_id, _auth_message(exc))
-            results[w.item_id] = "auth-failed"
+            results[w.node_id] = "auth-failed"
         return results
     for work in works:
         try:
             store_outputs(ctx, work, assets)
         except TransientError as exc:
-            _release(ctx, work.item_id, owner, 1, str(exc), exc.retry_after)
-            results[work.item_id] = "released"
+            ctx.repo.transition(work.node_id, nodes.Release(owner, str(exc), exc.retry_after))
+            results[work.node_id] = "released"
             continue
         except PermanentError as exc:
-            ctx.repo.fail_item(work.item_id, str(exc), getattr(exc, "hint", None))
-            results[work.item_id] = "failed"
+            failed = nodes.StoreFailed(owner, str(exc), getattr(exc, "hint", None))
+            ctx.repo.transition(work.node_id, failed)
+            results[work.node_id] = "failed"
             continue
-        ctx.repo.finish_collect(work.item_id, owner)
-        results[work.item_id] = "succeeded"
+        ctx.repo.transition(work.node_id, nodes.Stored(owner))
+        results[work.node_id] = "succeeded"
     return results
 
 
 def store_outputs(ctx: Context, work: CollectWork, assets: dict[str, Asset]) -> None:
-    """Download every output of one job into storage and record its lineage."""
-    if not work.asset_ids:
-        raise PermanentError(f"job {work.scenario_job_id} succeeded without any asset")
-    for index, asset_id in enumerate(work.asset_ids):
+    """Download every output of one node into storage and record its lineage."""
+    for number, asset_id in enumerate(work.asset_ids):
+        index = work.index_of(number)
         if index in work.stored:
             key, sha = work.stored[index]
             if ctx.storage.verify(key, sha):
@@ -573,23 +568,32 @@ def store_outputs(ctx: Context, work: CollectWork, assets: dict[str, Asset]) -> 
             seed=work.seed,
             item_key=work.item_key,
             ext=MIME_EXT.get(mime, "bin"),
+            step=work.step,
         )
-        metadata = {
-            "run-id": work.run_id,
-            "manifest": work.manifest_name,
-            "item": work.manifest_item_id,
-            "item-key": work.item_key,
-            "seed": str(work.seed),
-            "model": work.model,
-            "trained-model": work.trained_model or "",
-            "job-id": work.scenario_job_id,
-            "asset-id": asset_id,
-            "output-index": str(index),
-        }
-        stored, asset = _download_into(ctx, asset, key, mime, metadata)
+        earlier = ctx.repo.stored_copy(asset_id, key)
+        found = ctx.storage.head(key) if earlier else None
+        if found is not None and found.sha256 == earlier:
+            # A reused node whose image is already at its key: record it, download nothing.
+            stored, asset = found, asset
+        else:
+            metadata = {
+                "run-id": work.run_id,
+                "manifest": work.manifest_name,
+                "item": work.manifest_item_id,
+                "item-key": work.item_key,
+                "seed": str(work.seed),
+                "model": work.model,
+                "trained-model": work.trained_model or "",
+                "step": str(work.step),
+                "node-key": work.node_key,
+                "job-id": work.scenario_job_id,
+                "asset-id": asset_id,
+                "parent-asset-id": work.input_asset or "",
+                "output-index": str(index),
+            }
+            stored, asset = _download_into(ctx, asset, key, mime, metadata, work.overwrite)
         ctx.repo.record_output(
-            item_id=work.item_id,
-            job_row_id=work.job_row_id,
+            node_id=work.node_id,
             index=index,
             scenario_asset_id=asset_id,
             mime_type=asset.mime_type,
@@ -606,7 +610,12 @@ def store_outputs(ctx: Context, work: CollectWork, assets: dict[str, Asset]) -> 
 
 
 def _download_into(
-    ctx: Context, asset: Asset, key: str, mime: str, metadata: dict[str, str]
+    ctx: Context,
+    asset: Asset,
+    key: str,
+    mime: str,
+    metadata: dict[str, str],
+    replace: bool,
 ) -> tuple[StoredObject, Asset]:
     """Stream one asset into storage, refreshing an expired URL and retrying cut bodies."""
     last: TransientError | None = None
@@ -617,12 +626,16 @@ def _download_into(
                 raise TransientError(f"asset {asset.id} has no URL yet")
         try:
             with ctx.client.download(asset.url) as chunks:
-                return ctx.storage.put(key, chunks, content_type=mime, metadata=metadata), asset
+                stored = ctx.storage.put(
+                    key, chunks, content_type=mime, metadata=metadata, replace=replace
+                )
+                return stored, asset
         except StorageConflict as exc:
-            # Never overwrite; say where the paid-for image still is.
+            # `overwrite: never`: say where the paid-for image still is.
             raise StorageConflict(
                 f"{exc}; the new image stays on Scenario as asset {asset.id} "
-                f"(job {metadata.get('job-id')}): put {{seed}} or {{item_key}} in `output`"
+                f"(job {metadata.get('job-id')}): put {{seed}} or {{item_key}} in `output`, "
+                "or drop `overwrite: never`"
             ) from exc
         except AssetUrlExpired as exc:
             last = exc

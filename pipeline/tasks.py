@@ -18,22 +18,22 @@ logger = logging.getLogger(__name__)
 
 
 @app.task(name="pipeline.submit")
-def submit(item_id: int) -> str:
-    """Submit one item's generation (exactly once, reconciling an earlier intent)."""
+def submit(node_id: int) -> str:
+    """Submit one node's job (exactly once, reconciling an earlier intent)."""
     try:
-        return stages.submit_item(runtime.context(), item_id)
+        return stages.submit_node(runtime.context(), node_id)
     except TransientError as exc:
-        logger.warning("submit of item %s deferred: %s", item_id, exc)
+        logger.warning("submit of node %s deferred: %s", node_id, exc)
         return "deferred"
 
 
 @app.task(name="pipeline.collect")
-def collect(item_ids: Sequence[int]) -> dict[int, str]:
+def collect(node_ids: Sequence[int]) -> dict[int, str]:
     """Download and store the outputs of succeeded jobs."""
     try:
-        return stages.collect_items(runtime.context(), list(item_ids))
+        return stages.collect_nodes(runtime.context(), list(node_ids))
     except TransientError as exc:
-        logger.warning("collect of items %s deferred: %s", list(item_ids), exc)
+        logger.warning("collect of nodes %s deferred: %s", list(node_ids), exc)
         return {}
 
 

@@ -1,8 +1,10 @@
 """The storage interface shared by the local-folder and S3 backends.
 
-Objects are immutable once written: `put` is idempotent for the same bytes and refuses
-different bytes at an existing key (StorageConflict), so a repeated collect is free and a
-CDN may cache every object forever.
+`put` is idempotent for the same bytes, so a repeated collect is free. Different bytes at an
+existing key are refused (StorageConflict) unless the caller asks to replace them: a
+manifest item whose prompt changed gets its new image at the same key, while the old
+version stays in the lineage database (and, on S3, in the bucket's versions when versioning
+is on). Every write is atomic: a reader sees the old bytes or the new, never a mix.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from urllib.parse import quote
 
 from pipeline.errors import ChecksumMismatch, PermanentError, StorageTransientError
 
-# Objects never change once stored, so a CDN may keep them for a year without revalidating.
-CACHE_CONTROL = "public, max-age=31536000, immutable"
+# A key's bytes change only when its manifest item changes: a CDN may serve a cached copy
+# for a day, then revalidates.
+CACHE_CONTROL = "public, max-age=86400"
 
 # Bodies up to this size stay in memory while streaming; larger ones spill to a temp file.
 SPOOL_MEMORY_LIMIT = 8 * 1024 * 1024
@@ -67,8 +70,12 @@ class Storage(ABC):
         content_type: str,
         metadata: Mapping[str, str],
         expected_sha256: str | None = None,
+        replace: bool = False,
     ) -> StoredObject:
-        """Stream chunks into an immutable object at key and return what was stored."""
+        """Stream chunks into the object at key and return what was stored.
+
+        Different bytes already at key raise StorageConflict, unless `replace`.
+        """
 
     @abstractmethod
     def head(self, key: str) -> StoredObject | None:

@@ -70,8 +70,9 @@ class LocalStorage(Storage):
         content_type: str,
         metadata: Mapping[str, str],
         expected_sha256: str | None = None,
+        replace: bool = False,
     ) -> StoredObject:
-        """Stream chunks to a staged file, then link it into place if the key is free."""
+        """Stream chunks to a staged file, then link it into place (or replace, if asked)."""
         validate_key(key)
         try:
             fd, temp = tempfile.mkstemp(dir=self._staging(), prefix="put-")
@@ -87,7 +88,7 @@ class LocalStorage(Storage):
                 except OSError as exc:
                     raise _transient("write", key, exc) from exc
             check_expected(sha256, expected_sha256)
-            return self._place(key, temp, sha256, size, content_type, metadata)
+            return self._place(key, temp, sha256, size, content_type, metadata, replace)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
@@ -100,11 +101,17 @@ class LocalStorage(Storage):
         size: int,
         content_type: str,
         metadata: Mapping[str, str],
+        replace: bool = False,
     ) -> StoredObject:
         """Link a complete staged file to key unless the key already holds an object."""
         target = self._path(key)
         try:
             existing = self.head(key)
+            if existing is not None and existing.sha256 != sha256 and replace:
+                os.replace(temp, target)  # atomic: readers see the old file or the new
+                _fsync_dir(target.parent)
+                self._write_sidecar(key, sha256, size, content_type, metadata)
+                return self._stored(key, sha256, size)
             if existing is None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if self._link_into_place(temp, target):

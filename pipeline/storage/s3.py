@@ -115,22 +115,29 @@ class S3Storage(Storage):
         content_type: str,
         metadata: Mapping[str, str],
         expected_sha256: str | None = None,
+        replace: bool = False,
     ) -> StoredObject:
         """Spool and hash the body, then write it with one checksummed PutObject."""
         validate_key(key)
         spool = Spool.collect(chunks, expected_sha256)
         try:
             existing = self.head(key)
-            if existing is not None:
+            if existing is not None and (existing.sha256 == spool.sha256 or not replace):
                 self._same_or_conflict(key, existing, spool.sha256)
                 return existing
-            self._put_object(key, spool, content_type, metadata)
+            # A replaced object's old version stays in the bucket when versioning is on.
+            self._put_object(key, spool, content_type, metadata, conditional=existing is None)
             return self._stored(key, spool.sha256, spool.size)
         finally:
             spool.close()
 
     def _put_object(
-        self, key: str, spool: Spool, content_type: str, metadata: Mapping[str, str]
+        self,
+        key: str,
+        spool: Spool,
+        content_type: str,
+        metadata: Mapping[str, str],
+        conditional: bool = True,
     ) -> None:
         request: dict[str, Any] = {
             "Bucket": self.bucket,
@@ -142,7 +149,7 @@ class S3Storage(Storage):
             "ChecksumSHA256": base64.b64encode(bytes.fromhex(spool.sha256)).decode("ascii"),
             "Metadata": sanitize_metadata(metadata, spool.sha256),
         }
-        if self._conditional_writes:
+        if self._conditional_writes and conditional:
             request["IfNoneMatch"] = "*"
         try:
             self._client().put_object(**request)
@@ -160,7 +167,7 @@ class S3Storage(Storage):
             if code in _UNSUPPORTED_CODES and self._conditional_writes:
                 self._conditional_writes = False
                 spool.file.seek(0)
-                self._put_object(key, spool, content_type, metadata)
+                self._put_object(key, spool, content_type, metadata, conditional)
                 return
             raise self._translate(exc, "write", key) from exc
 

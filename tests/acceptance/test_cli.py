@@ -98,22 +98,12 @@ def test_second_run_skips_stored_items_and_submits_nothing(
     ]
     assert generate_calls(sandbox) == submitted
 
-    # A changed seed is a different item, but its image would land on the key that holds
-    # the old one: refused before anything is paid for, naming the line.
+    # A changed seed is a changed item: a nightly exists to turn such edits into new files.
+    # Only that item is generated again, and its new image replaces the old one at the same
+    # key; lineage keeps both versions.
+    key = tmp_path / "assets" / "acceptance-icons" / "healing-potion" / "0.png"
+    old_sha = sha256_file(key)
     write_manifest(tmp_path, ICONS.replace("seed: 7", "seed: 8"))
-    refused = cli("run", str(manifest), "--wait", "--json")
-    assert refused.code == 2
-    assert f"{manifest.resolve()}:10: items[1].output:" in refused.stderr
-    assert "acceptance-icons/healing-potion/0.png already holds" in refused.stderr
-    assert generate_calls(sandbox) == submitted
-
-    # With the seed in the key template, only the changed item is generated again.
-    write_manifest(
-        tmp_path,
-        ICONS.replace("seed: 7", "seed: 8").replace(
-            "{manifest}/{item}/{index}.{ext}", "{manifest}/{item}/{seed}-{index}.{ext}"
-        ),
-    )
     third = cli("run", str(manifest), "--wait", "--json")
     assert third.code == 0, third.stderr
     statuses = {i["id"]: i["status"] for i in third.json()["items"]}
@@ -122,6 +112,24 @@ def test_second_run_skips_stored_items_and_submits_nothing(
         "healing-potion": "succeeded",
         "oak-shield": "skipped",
     }
+    assert generate_calls(sandbox) == submitted + 1
+    new_sha = sha256_file(key)
+    assert new_sha != old_sha
+    traced = cli("lineage", str(key), "--json")
+    assert traced.code == 0, traced.stderr
+    match = traced.json()["matches"][0]
+    assert match["object"]["sha256"] == new_sha and match["object"]["current"]
+    assert [v["sha256"] for v in match["versions"]] == [old_sha, new_sha]
+
+    # A team that wants the old refusal says `overwrite: never`: refused before paying.
+    write_manifest(
+        tmp_path, ICONS.replace("seed: 7", "seed: 9").replace("items:", "overwrite: never\nitems:")
+    )
+    refused = cli("run", str(manifest), "--wait", "--json")
+    assert refused.code == 2
+    assert f"{manifest.resolve()}:11: items[1].output:" in refused.stderr
+    assert "acceptance-icons/healing-potion/0.png already holds" in refused.stderr
+    assert "overwrite: never" in refused.stderr
     assert generate_calls(sandbox) == submitted + 1
 
 

@@ -220,7 +220,7 @@ def test_s3_objects_carry_content_type_cache_control_checksum_and_lineage(
     head = s3_server.client().head_object(Bucket=s3_bucket, Key="p/a/0.png", ChecksumMode="ENABLED")
 
     assert head["ContentType"] == "image/png"
-    assert head["CacheControl"] == "public, max-age=31536000, immutable"
+    assert head["CacheControl"] == "public, max-age=86400"
     assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(PNG).digest()).decode()
     meta = head["Metadata"]
     assert meta["sha256"] == sha(PNG)

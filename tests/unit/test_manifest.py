@@ -270,7 +270,7 @@ def test_unknown_keys_at_top_level_and_in_an_item(tmp_path: Path) -> None:
     )
     assert problems(path) == [
         f"{path}:4: colour: unknown field; allowed: version, name, description, model, "
-        "trained_model, seed, params, output, items",
+        "endpoint, trained_model, seed, params, steps, output, overwrite, items",
         f"{path}:6: items[0].prompt: required field is missing",
         f"{path}:7: items[0].promt: unknown field (did you mean 'prompt'?)",
     ]
@@ -350,7 +350,7 @@ def test_empty_items_and_bad_slugs(tmp_path: Path) -> None:
         (
             '"{manifest}/{item}/{index}-{name}.png"',
             "unknown placeholder {name}; use {manifest}, {item}, "
-            "{index}, {seed}, {item_key}, {ext}",
+            "{index}, {seed}, {item_key}, {ext}, {step}",
         ),
         (
             '"/{manifest}/{item}/{index}.png"',
@@ -539,7 +539,7 @@ def test_template_is_checked_even_without_items(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}:1: items: required field is missing",
         f"{path}:4: output: unknown placeholder {{nope}}; use {{manifest}}, {{item}}, {{index}}, "
-        "{seed}, {item_key}, {ext}",
+        "{seed}, {item_key}, {ext}, {step}",
         f"{path}:4: output: must contain {{item}} or {{item_key}}, "
         "or all items write to the same keys",
     ]
