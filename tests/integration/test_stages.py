@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from pipeline import db
+from pipeline import db, reports
 from pipeline.errors import DatabaseTransientError
-from pipeline.keys import compute_item_key
+from pipeline.keys import compute_item_key, compute_recipe_key
 from pipeline.models import ItemStatus
 from pipeline.repository import NewItem, Repository
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import ScenarioClient
-from pipeline.stages import Context, SweeperState, Tuning, collect_items, submit_item, sweep
+from pipeline.stages import Context, SweeperState, Tuning, collect_nodes, submit_node, sweep
 from pipeline.storage import open_storage
 
 MODEL = "model_test-image"
@@ -35,11 +35,11 @@ class QueueDispatcher:
     submits: list[int] = field(default_factory=list)
     collects: list[list[int]] = field(default_factory=list)
 
-    def submit(self, item_id: int) -> None:
-        self.submits.append(item_id)
+    def submit(self, node_id: int) -> None:
+        self.submits.append(node_id)
 
-    def collect(self, item_ids: Sequence[int]) -> None:
-        self.collects.append(list(item_ids))
+    def collect(self, node_ids: Sequence[int]) -> None:
+        self.collects.append(list(node_ids))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -83,7 +83,31 @@ def ctx(database_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[Context
     engine.dispose()
 
 
-def record(ctx: Context, prompts: list[str], outputs: int = 1) -> str:
+BACKGROUND_REMOVAL = "model_photoroom-background-removal"
+UPSCALE = "model_upscale-v3"
+TEMPLATE = "{manifest}/{item}/{index}.{ext}"
+
+
+def step(model: str, output: str | None = None, **params: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "endpoint": "custom",
+        "params": params,
+        "prompt": None,
+        "output": output,
+        "expected_outputs": 1,
+    }
+
+
+def record(
+    ctx: Context,
+    prompts: list[str],
+    outputs: int = 1,
+    *,
+    steps: Sequence[dict[str, Any]] = (),
+    overwrite: str = "replace",
+    force: bool = False,
+) -> str:
     items = []
     for n, prompt in enumerate(prompts):
         body = {"prompt": prompt, "seed": 100 + n, "numOutputs": outputs, "width": 64, "height": 64}
@@ -95,19 +119,22 @@ def record(ctx: Context, prompts: list[str], outputs: int = 1) -> str:
             prompt=prompt,
             input_hashes=[],
         )
+        settings = [{k: s[k] for k in ("model", "endpoint", "params", "prompt")} for s in steps]
         items.append(
             NewItem(
                 manifest_item_id=f"item-{n}",
                 line=n + 1,
-                item_key=key,
+                item_key=compute_recipe_key(key, settings),
                 prompt=prompt,
                 seed=100 + n,
                 model=MODEL,
                 trained_model=None,
                 params=body,
+                endpoint="custom",
                 body=body,
-                num_outputs=outputs,
-                output_template="{manifest}/{item}/{index}.{ext}",
+                generation_key=key,
+                generation_outputs=outputs,
+                recipe={"steps": list(steps), "output": TEMPLATE, "overwrite": overwrite},
             )
         )
     return ctx.repo.record_run(
@@ -118,7 +145,14 @@ def record(ctx: Context, prompts: list[str], outputs: int = 1) -> str:
         items=items,
         storage_url=ctx.storage.url,
         api_host="sandbox",
+        force=force,
     )
+
+
+def report_of(ctx: Context, run_id: str) -> dict[str, Any]:
+    report = reports.run_report(ctx.repo, run_id)
+    assert report is not None
+    return report
 
 
 def drain(
@@ -131,13 +165,13 @@ def drain(
     while time.monotonic() < deadline:
         sweep(ctx, state)
         while dispatcher.submits:
-            item_id = dispatcher.submits.pop(0)
+            node_id = dispatcher.submits.pop(0)
             if drop_submits:
                 drop_submits -= 1  # the broker lost this message
                 continue
-            submit_item(ctx, item_id)
+            submit_node(ctx, node_id)
         while dispatcher.collects:
-            collect_items(ctx, dispatcher.collects.pop(0))
+            collect_nodes(ctx, dispatcher.collects.pop(0))
         if not ctx.repo.running_run_ids():
             return
         time.sleep(0.03)
@@ -150,8 +184,8 @@ def test_items_flow_through_submit_poll_collect_within_the_parallel_cap(
     sandbox.configure(parallel_jobs=3)  # the API would 429 a fourth concurrent job
     run_id = record(ctx, [f"icon {n}" for n in range(7)], outputs=2)
     drain(ctx, SweeperState(api_host="sandbox"))
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "succeeded"
+    report = report_of(ctx, run_id)
+    assert report["status"] == "succeeded"
     served = sandbox.stats()["images"]
     for item in report["items"]:
         assert len(item["outputs"]) == 2
@@ -182,21 +216,21 @@ def test_a_submit_killed_after_the_post_is_reconciled_not_resubmitted(
     ctx.dispatch.submits.clear()  # type: ignore[attr-defined]
 
     # The worker dies between Scenario's answer and our write of the job id.
-    original = ctx.repo.record_submitted
+    original = ctx.repo.record_accepted
 
     def die(*args: Any, **kwargs: Any) -> None:
         raise SystemExit("SIGKILL")
 
-    monkeypatch.setattr(ctx.repo, "record_submitted", die)
+    monkeypatch.setattr(ctx.repo, "record_accepted", die)
     with pytest.raises(SystemExit):
-        submit_item(ctx, item_id)
-    monkeypatch.setattr(ctx.repo, "record_submitted", original)
+        submit_node(ctx, item_id)
+    monkeypatch.setattr(ctx.repo, "record_accepted", original)
     assert sandbox.stats()["jobs_created"] == 1
 
     time.sleep(1.1)  # the dead worker's lease expires; the sweeper hands the item out again
     drain(ctx, state)
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "succeeded"
+    report = report_of(ctx, run_id)
+    assert report["status"] == "succeeded"
     assert sandbox.stats()["jobs_created"] == 1
     assert sandbox.stats()["duplicate_submissions"] == 0
     assert report["items"][0]["attempts"] == 1
@@ -206,16 +240,16 @@ def test_a_redelivered_submit_message_is_harmless(ctx: Context, sandbox: Sandbox
     record(ctx, ["twice delivered"])
     sweep(ctx, SweeperState(api_host="sandbox"))
     (item_id,) = ctx.dispatch.submits  # type: ignore[attr-defined]
-    assert submit_item(ctx, item_id) == "submitted"
-    assert submit_item(ctx, item_id) == "not-claimed"
+    assert submit_node(ctx, item_id) == "submitted"
+    assert submit_node(ctx, item_id) == "not-claimed"
     assert sandbox.stats()["jobs_created"] == 1
 
 
 def test_lost_messages_are_rebuilt_from_sql(ctx: Context, sandbox: Sandbox) -> None:
     run_id = record(ctx, ["a", "b"])
     drain(ctx, SweeperState(api_host="sandbox"), drop_submits=2)
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "succeeded"
+    report = report_of(ctx, run_id)
+    assert report["status"] == "succeeded"
     assert sandbox.stats()["jobs_created"] == 2
 
 
@@ -225,8 +259,8 @@ def test_failed_generation_is_resubmitted_then_fails_with_error_and_hint(
     sandbox.configure(fail_prompts=["cursed"])
     run_id = record(ctx, ["cursed relic", "fine relic"])
     drain(ctx, SweeperState(api_host="sandbox"))
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "failed"
+    report = report_of(ctx, run_id)
+    assert report["status"] == "failed"
     cursed = report["items"][0]
     assert cursed["status"] == "failed" and cursed["attempts"] == 2
     assert len(cursed["jobs"]) == 2 and cursed["error"] and cursed["hint"]
@@ -237,8 +271,8 @@ def test_expired_asset_urls_are_refreshed(ctx: Context, sandbox: Sandbox) -> Non
     sandbox.configure(fault_expired_rate=0.5, seed=11)
     run_id = record(ctx, [f"icon {n}" for n in range(4)], outputs=2)
     drain(ctx, SweeperState(api_host="sandbox"))
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "succeeded"
+    report = report_of(ctx, run_id)
+    assert report["status"] == "succeeded"
     assert sandbox.stats()["faults"]["expired"] > 0
 
 
@@ -248,12 +282,12 @@ def test_deadline_cancels_remote_jobs(ctx: Context, sandbox: Sandbox) -> None:
     state = SweeperState(api_host="sandbox")
     sweep(ctx, state)
     for item_id in list(ctx.dispatch.submits):  # type: ignore[attr-defined]
-        submit_item(ctx, item_id)
+        submit_node(ctx, item_id)
     ctx.repo.set_deadline(run_id, ctx.now())
     time.sleep(0.01)
     sweep(ctx, state)
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "canceled"
+    report = report_of(ctx, run_id)
+    assert report["status"] == "canceled"
     assert all("deadline" in (i["error"] or "") for i in report["items"])
     assert sandbox.stats()["jobs"].get("canceled") == 2
     assert all(i["status"] == str(ItemStatus.CANCELED) for i in report["items"])
@@ -281,25 +315,25 @@ def test_a_submit_that_outlived_its_lease_does_not_post(
         time.sleep(ctx.tuning.lease_seconds + 0.2)
         sweep(ctx, state)  # the sweeper sees the expired lease and hands the item out again
         assert dispatcher.submits == [item_id]
-        outcomes.append(submit_item(ctx, dispatcher.submits.pop()))  # worker B
+        outcomes.append(submit_node(ctx, dispatcher.submits.pop()))  # worker B
         return result
 
     monkeypatch.setattr(ctx.repo, "record_intent", stall_then_let_b_in)
-    assert submit_item(ctx, item_id) == "claim-lost"  # worker A
+    assert submit_node(ctx, item_id) == "claim-lost"  # worker A
     assert outcomes == ["submitted"]
     assert sandbox.stats()["jobs_created"] == 1
 
 
-def test_stored_bytes_are_never_overwritten_and_the_new_asset_is_named(
+def test_overwrite_never_keeps_stored_bytes_and_names_the_new_asset(
     ctx: Context, sandbox: Sandbox
 ) -> None:
     existing = ctx.storage.put(
         "stages/item-0/0.png", [b"an older image"], content_type="image/png", metadata={}
     )
-    run_id = record(ctx, ["regenerated icon"])
+    run_id = record(ctx, ["regenerated icon"], overwrite="never")
     drain(ctx, SweeperState(api_host="sandbox"))
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "failed"
+    report = report_of(ctx, run_id)
+    assert report["status"] == "failed"
     error = report["items"][0]["error"]
     (asset_id,) = sandbox.stats()["images"]
     assert asset_id in error and "{seed}" in error
@@ -324,8 +358,8 @@ def test_a_job_the_list_never_shows_is_found_by_its_own_polls(
 
     monkeypatch.setattr(ctx.client, "iter_jobs", without_hidden)
     drain(ctx, SweeperState(api_host="sandbox"))
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "succeeded"
+    report = report_of(ctx, run_id)
+    assert report["status"] == "succeeded"
     assert hidden  # the list really did hide it
     requests = sandbox.stats()["requests"]
     assert 1 <= requests.get("GET /jobs/{jobId}", 0) <= 6
@@ -336,7 +370,7 @@ def test_transient_database_errors_delay_items_but_lose_none(
 ) -> None:
     """The database blips while outputs are recorded and while a job id is written."""
     run_id = record(ctx, ["blip one", "blip two"])
-    failures = {"record_output": 2, "record_submitted": 1}
+    failures = {"record_output": 2, "record_accepted": 1}
 
     def flaky(name: str) -> Any:
         original = getattr(ctx.repo, name)
@@ -351,17 +385,94 @@ def test_transient_database_errors_delay_items_but_lose_none(
 
     for name in failures:
         monkeypatch.setattr(ctx.repo, name, flaky(name))
-    real_submit = submit_item
+    real_submit = submit_node
 
-    def submit_as_the_task_does(c: Context, item_id: int) -> str:
+    def submit_as_the_task_does(c: Context, node_id: int) -> str:
         try:
-            return real_submit(c, item_id)
+            return real_submit(c, node_id)
         except DatabaseTransientError:
             return "deferred"  # tasks.submit: the lease expires and the sweeper retries
 
-    monkeypatch.setattr(sys.modules[__name__], "submit_item", submit_as_the_task_does)
+    monkeypatch.setattr(sys.modules[__name__], "submit_node", submit_as_the_task_does)
     drain(ctx, SweeperState(api_host="sandbox"))
-    report = ctx.repo.run_report(run_id)
-    assert report is not None and report["status"] == "succeeded"
-    assert failures == {"record_output": 0, "record_submitted": 0}
+    report = report_of(ctx, run_id)
+    assert report["status"] == "succeeded"
+    assert failures == {"record_output": 0, "record_accepted": 0}
     assert sandbox.stats()["jobs_created"] == 2  # the unrecorded job was reconciled, not redone
+
+
+def _generate_calls_by_model(sandbox: Sandbox) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in sandbox.api.store.jobs.values():
+        counts[job.model_id] = counts.get(job.model_id, 0) + 1
+    return counts
+
+
+def test_a_recipe_runs_each_step_on_every_output_of_the_step_before(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """generate (2 outputs) -> remove background -> upscale: 2 + 2 + 2 jobs, 2 final files."""
+    recipe = [step(BACKGROUND_REMOVAL), step(UPSCALE, upscaleFactor=2)]
+    run_id = record(ctx, ["potion"], outputs=2, steps=recipe)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    report = report_of(ctx, run_id)
+    assert report["status"] == "succeeded", report
+    (item,) = report["items"]
+    assert item["nodes"] == 5 and len(item["jobs"]) == 5
+    assert [o["index"] for o in item["outputs"]] == [0, 1]
+    served = sandbox.stats()["images"]
+    for out in item["outputs"]:
+        path = Path(out["uri"].removeprefix("file://"))
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == served[out["asset_id"]]
+        chain = out["chain"]
+        assert [c["model"] for c in chain] == [MODEL, BACKGROUND_REMOVAL, UPSCALE]
+        assert chain[-1]["output_asset"] == out["asset_id"]
+        # each step's input was the previous step's output, by Scenario asset id
+        inputs = [job.body.get("image") for job in sandbox.api.store.jobs.values()]
+        assert chain[0]["output_asset"] in inputs and chain[1]["output_asset"] in inputs
+    # nothing was uploaded again: the steps ran on Scenario's own assets
+    assert sandbox.stats()["requests"].get("POST /assets", 0) == 0
+    assert _generate_calls_by_model(sandbox) == {MODEL: 1, BACKGROUND_REMOVAL: 2, UPSCALE: 2}
+
+
+def test_a_rerun_pays_only_for_the_steps_that_changed(ctx: Context, sandbox: Sandbox) -> None:
+    first = [step(BACKGROUND_REMOVAL), step(UPSCALE, upscaleFactor=2)]
+    record(ctx, ["shield"], steps=first)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    before = _generate_calls_by_model(sandbox)
+    assert before == {MODEL: 1, BACKGROUND_REMOVAL: 1, UPSCALE: 1}
+
+    changed = [step(BACKGROUND_REMOVAL), step(UPSCALE, upscaleFactor=4)]
+    run_id = record(ctx, ["shield"], steps=changed)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    report = report_of(ctx, run_id)
+    assert report["status"] == "succeeded"
+    assert _generate_calls_by_model(sandbox) == {MODEL: 1, BACKGROUND_REMOVAL: 1, UPSCALE: 2}
+    (item,) = report["items"]
+    assert item["reused_nodes"] == 2
+    (out,) = item["outputs"]
+    assert [c["reused"] for c in out["chain"]] == [True, True, False]
+
+    # --force pays for everything again
+    forced = record(ctx, ["shield"], steps=changed, force=True)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    assert report_of(ctx, forced)["status"] == "succeeded"
+    assert _generate_calls_by_model(sandbox) == {MODEL: 2, BACKGROUND_REMOVAL: 2, UPSCALE: 3}
+
+
+def test_an_intermediate_step_is_stored_only_where_it_has_an_output(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    cutout = "{manifest}/{item}/cutout/{index}.{ext}"
+    recipe = [step(BACKGROUND_REMOVAL, output=cutout), step(UPSCALE)]
+    run_id = record(ctx, ["lantern"], outputs=2, steps=recipe)
+    drain(ctx, SweeperState(api_host="sandbox"))
+    assert report_of(ctx, run_id)["status"] == "succeeded"
+    root = Path(ctx.storage.url.removeprefix("file://"))
+    stored = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    assert stored == [
+        "stages/item-0/0.png",
+        "stages/item-0/1.png",
+        "stages/item-0/cutout/0.png",
+        "stages/item-0/cutout/1.png",
+    ]
