@@ -85,12 +85,12 @@ def _sqlite_path_problem(database: str | None) -> str | None:
         return None
     path = Path(database).expanduser()
     if path.is_dir():
-        return f"the SQLite path {shorten(str(path))} is a folder"
+        return f"the SQLite path {shorten(str(path), 200)} is a folder"
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        return f"the SQLite path's parent {shorten(str(parent))} is not a folder"
+        return f"the SQLite path's parent {shorten(str(parent), 200)} is not a folder"
     return None
 
 
