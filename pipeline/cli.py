@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 from rich.console import Console
 
 from pipeline import db, gallery, reports
@@ -33,7 +33,7 @@ from pipeline.errors import (
     ServiceUnavailable,
     TransientError,
 )
-from pipeline.settings import Settings
+from pipeline.settings import Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 4
 
@@ -96,14 +96,11 @@ def _errors() -> Iterator[None]:
 
 
 def _settings(**overrides: Any) -> Settings:
+    """The validated settings; a bad one exits 2 with one line naming variable and value."""
     try:
-        settings = Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        where = f"invalid setting {name}: " if name else "invalid settings: "
-        raise Exit(EXIT_INVALID, f"error: {where}{message}") from None
+        settings = load_settings()
+    except ConfigError as exc:
+        raise Exit(EXIT_INVALID, f"error: {exc}") from None
     return settings.model_copy(update=overrides) if overrides else settings
 
 
@@ -125,6 +122,7 @@ def validate(files: list[Path] = typer.Argument(..., help="Manifest files to che
     """Check manifests offline; print each problem as file:line: field: message."""
     from pipeline.manifest import validate_files
 
+    _settings()  # a broken configuration is reported by every command, this one too
     problems = validate_files(files)
     if problems:
         raise Exit(EXIT_INVALID, "\n".join(problems))
@@ -586,7 +584,11 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Upgrade the lineage database schema (Alembic) to head."""
     with _errors():
         settings = _settings()
-        db.check(db.make_engine(settings.database_url))
+        engine = db.make_engine(settings.database_url)
+        try:
+            db.check(engine)
+        finally:
+            engine.dispose()
         db.upgrade(settings.database_url, revision)
     err.print(f"database {db.safe_url(settings.database_url)} at {revision}", markup=False)
 

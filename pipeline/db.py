@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,26 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.errors import ConfigError, DatabaseTransientError, ServiceUnavailable
+from pipeline.redact import shorten
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: The top-level migrations/ of a source checkout (installed packages carry their own copy).
+_CHECKOUT_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: `pipeline.migrations` when installed, else the checkout's folder.
+
+    A wheel maps the repository's top-level migrations/ into the package (pyproject.toml),
+    so an installed pipeline finds them without a checkout; an editable install or a bare
+    checkout uses the folder itself.
+    """
+    try:
+        packaged = resources.files("pipeline.migrations")
+    except ModuleNotFoundError:
+        packaged = None
+    if packaged is not None and packaged.joinpath("env.py").is_file():
+        return Path(str(packaged))
+    return _CHECKOUT_MIGRATIONS
 
 
 def normalize_url(url: str) -> str:
@@ -32,18 +51,68 @@ def safe_url(url: str) -> str:
         return "<database url>"
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a lineage database URL (scheme, driver, SQLite path), or None."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(normalize_url(url))
+    except (ArgumentError, ValueError, TypeError):
+        return "not a database URL (expected e.g. sqlite:///pipeline.db or postgresql://host/db)"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        return (
+            f"unknown database scheme {shorten(parsed.drivername, 40)!r} "
+            "(use sqlite:///path or postgresql://...)"
+        )
+    except Exception as exc:  # a broken third-party dialect plugin
+        return f"cannot load the database dialect: {shorten(str(exc))}"
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        return (
+            f"the driver for {shorten(parsed.drivername, 40)!r} is not installed"
+            f" ({shorten(exc.name or str(exc), 40)})"
+        )
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_path_problem(parsed.database)
+    return None
+
+
+def _sqlite_path_problem(database: str | None) -> str | None:
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).expanduser()
+    if path.is_dir():
+        return f"the SQLite path {shorten(str(path), 200)} is a folder"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return f"the SQLite path's parent {shorten(str(parent), 200)} is not a folder"
+    return None
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys."""
+    problem = url_problem(url)
+    if problem:
+        raise ConfigError(f"PIPELINE_DATABASE_URL={shorten(safe_url(url))}: {problem}")
     url = normalize_url(url)
-    try:
-        parsed = make_url(url)
-    except Exception as exc:
-        raise ConfigError(f"PIPELINE_DATABASE_URL is not a valid database URL: {exc}") from None
+    parsed = make_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"PIPELINE_DATABASE_URL={shorten(safe_url(url))}: cannot create the folder "
+                    f"{shorten(str(folder))}: {exc.strerror or exc}"
+                ) from None
     else:
         kwargs.update(pool_size=5, max_overflow=5, pool_recycle=1800)
         kwargs["connect_args"] = {"connect_timeout": 5}
@@ -99,7 +168,7 @@ def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     # ConfigParser interpolation: a literal % in a password must be doubled.
     cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     return cfg
@@ -108,14 +177,25 @@ def alembic_config(url: str) -> Any:
 def upgrade(url: str, revision: str = "head") -> None:
     """Upgrade the database schema to `revision` with Alembic."""
     from alembic import command
+    from alembic.util import CommandError
 
-    if not MIGRATIONS_DIR.is_dir():
-        raise ConfigError(f"migrations folder not found at {MIGRATIONS_DIR}")
+    folder = migrations_dir()
+    if not (folder / "env.py").is_file():
+        raise ConfigError(f"the database migrations are missing (looked in {folder})")
     try:
         command.upgrade(alembic_config(url), revision)
-    except SQLAlchemyError as exc:
+    except CommandError as exc:  # e.g. an unknown revision, or a database stamped newer
+        raise ConfigError(
+            f"cannot upgrade the database {safe_url(url)} to {shorten(revision, 40)}: "
+            f"{shorten(_first_line(exc), 200)}"
+        ) from None
+    except (OperationalError, DBAPIError) as exc:
         raise ServiceUnavailable(
-            f"cannot upgrade the database {safe_url(url)}: {_first_line(exc)}"
+            f"cannot upgrade the database {safe_url(url)}: {shorten(_first_line(exc), 200)}"
+        ) from None
+    except SQLAlchemyError as exc:
+        raise ConfigError(
+            f"cannot upgrade the database {safe_url(url)}: {shorten(_first_line(exc), 200)}"
         ) from None
 
 
@@ -131,4 +211,4 @@ def head_revision() -> str | None:
     """The newest revision in migrations/."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    return ScriptDirectory(str(migrations_dir())).get_current_head()

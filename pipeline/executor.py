@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline import db, reports, runtime
+from pipeline import db, preflight, reports, runtime
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.manifest import ItemSpec, Manifest
 from pipeline.models import RunStatus
@@ -41,7 +41,7 @@ class Executor:
 
     def __enter__(self) -> Executor:
         s = self.settings
-        runtime.credentials(s)  # exit 2 before anything is touched
+        key, secret = runtime.credentials(s)  # exit 2 before anything is touched
         engine = db.make_engine(s.database_url)
         self._stack.callback(engine.dispose)
         db.check(engine)
@@ -55,8 +55,9 @@ class Executor:
         runtime.configure_runtime(s)
         runtime.check_broker(s.broker_url)
         ctx = runtime.build_context(s, runtime.tuning_from(s), engine=engine)
-        ctx.storage.check()
         self._stack.callback(ctx.client.close)
+        ctx.storage.check()
+        preflight.check_api(s, key, secret)  # exit 4 / 2 now, not after items are recorded
         runtime.set_context(ctx)
         self._ctx = ctx
         return self

@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.governor import make_governor
 from pipeline.repository import Repository
 from pipeline.scenario import ScenarioClient
-from pipeline.settings import Settings
+from pipeline.settings import Settings, load_settings
 from pipeline.stages import Context, SweeperState, Tuning
 from pipeline.storage import open_storage
 
@@ -62,7 +62,7 @@ def settings() -> Settings:
     """This process's settings (read from the environment on first use in a worker)."""
     global _settings
     if _settings is None:
-        configure_runtime(Settings())
+        configure_runtime(load_settings())
     assert _settings is not None
     return _settings
 

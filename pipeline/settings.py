@@ -6,10 +6,59 @@ build one `Settings` and pass what each part needs down.
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.errors import ConfigError
+from pipeline.redact import redact_url, shown
+
 DEFAULT_API_URL = "https://api.cloud.scenario.com/v1"
+ENV_FILE = ".env"
+
+#: Fields whose value may carry a password (URLs with userinfo): redacted in repr and errors.
+_URL_FIELDS = (
+    "api_url",
+    "database_url",
+    "broker_url",
+    "storage_url",
+    "public_base_url",
+    "s3_endpoint_url",
+)
+_SECRET_VARIABLES = {
+    "SCENARIO_API_KEY",
+    "SCENARIO_SDK_API_KEY",
+    "SCENARIO_API_SECRET",
+    "SCENARIO_SDK_API_SECRET",
+}
+
+
+def _http_url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not parts.hostname:
+        return "names no host"
+    if port == 0:
+        return "port 0 is not a port"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "must not contain spaces or control characters"
+    return None
 
 
 class Settings(BaseSettings):
@@ -32,16 +81,82 @@ class Settings(BaseSettings):
     public_base_url: str | None = Field(None, validation_alias="PIPELINE_PUBLIC_BASE_URL")
     s3_endpoint_url: str | None = Field(None, validation_alias="AWS_ENDPOINT_URL")
 
-    # Fleet-wide limits, enforced by the governor (Redis when distributed).
-    parallel_jobs: int = Field(4, ge=1, validation_alias="PIPELINE_PARALLEL_JOBS")
-    requests_per_second: float = Field(10.0, gt=0, validation_alias="PIPELINE_REQUESTS_PER_SECOND")
-    max_job_attempts: int = Field(2, ge=1, validation_alias="PIPELINE_MAX_JOB_ATTEMPTS")
-    poll_interval: float = Field(1.0, gt=0, validation_alias="PIPELINE_POLL_INTERVAL")
-    http_timeout: float = Field(30.0, gt=0, validation_alias="PIPELINE_HTTP_TIMEOUT")
+    # Fleet-wide limits, enforced by the governor (Redis when distributed). Every number
+    # is finite, positive and bounded: `inf` or 1e23 would overflow timers and kill loops.
+    parallel_jobs: int = Field(4, ge=1, le=10_000, validation_alias="PIPELINE_PARALLEL_JOBS")
+    requests_per_second: float = Field(
+        10.0, gt=0, le=10_000, allow_inf_nan=False, validation_alias="PIPELINE_REQUESTS_PER_SECOND"
+    )
+    max_job_attempts: int = Field(2, ge=1, le=100, validation_alias="PIPELINE_MAX_JOB_ATTEMPTS")
+    poll_interval: float = Field(
+        1.0, gt=0, le=3600, allow_inf_nan=False, validation_alias="PIPELINE_POLL_INTERVAL"
+    )
+    http_timeout: float = Field(
+        30.0, gt=0, le=3600, allow_inf_nan=False, validation_alias="PIPELINE_HTTP_TIMEOUT"
+    )
     # A task holding an item longer than this is presumed dead and its item re-dispatched.
-    lease_seconds: float = Field(90.0, gt=0, validation_alias="PIPELINE_LEASE_SECONDS")
-    sweep_tick: float = Field(0.5, gt=0, validation_alias="PIPELINE_SWEEP_TICK")
-    worker_concurrency: int = Field(8, ge=1, validation_alias="PIPELINE_WORKER_CONCURRENCY")
+    lease_seconds: float = Field(
+        90.0, gt=0, le=7 * 86400, allow_inf_nan=False, validation_alias="PIPELINE_LEASE_SECONDS"
+    )
+    sweep_tick: float = Field(
+        0.5, gt=0, le=3600, allow_inf_nan=False, validation_alias="PIPELINE_SWEEP_TICK"
+    )
+    worker_concurrency: int = Field(
+        8, ge=1, le=1000, validation_alias="PIPELINE_WORKER_CONCURRENCY"
+    )
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        return _checked("SCENARIO_API_URL", value, _http_url_problem(value))
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return _checked("PIPELINE_PUBLIC_BASE_URL", value, _http_url_problem(value))
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _s3_endpoint_url(cls, value: str | None) -> str | None:
+        from pipeline.storage import endpoint_url_problem
+
+        if value is None or value == "":
+            return None  # boto3 treats an empty AWS_ENDPOINT_URL as unset too
+        return _checked("AWS_ENDPOINT_URL", value, endpoint_url_problem(value))
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from pipeline.db import url_problem
+
+        return _checked("PIPELINE_DATABASE_URL", value, url_problem(value))
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            return _checked("PIPELINE_BROKER_URL", value, "not a valid URL")
+        if parts.scheme == "memory":
+            return value
+        if parts.scheme not in ("redis", "rediss"):
+            problem = "must be memory:// (embedded) or redis://host:port/db (distributed)"
+        elif not parts.hostname:
+            problem = "names no host"
+        else:
+            problem = None
+        return _checked("PIPELINE_BROKER_URL", value, problem)
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str) -> str:
+        from pipeline.storage import url_problem
+
+        return _checked("PIPELINE_STORAGE_URL", value, url_problem(value))
 
     @model_validator(mode="after")
     def _lease_outlives_a_request(self) -> Settings:
@@ -54,6 +169,13 @@ class Settings(BaseSettings):
             )
         return self
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # SecretStr already hides the API credentials; URLs may carry passwords too.
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                value = redact_url(value)
+            yield name, value
+
     @property
     def redis_url(self) -> str | None:
         """The Redis the governor shares with the broker, when the broker is Redis."""
@@ -63,3 +185,43 @@ class Settings(BaseSettings):
     def distributed(self) -> bool:
         """True when tasks go through a real broker to separate worker processes."""
         return not self.broker_url.startswith("memory://")
+
+
+def _checked(variable: str, value: str, problem: str | None) -> str:
+    if problem:
+        raise ValueError(f"{variable}={shown(value)}: {problem}")
+    return value
+
+
+def load_settings(**values: Any) -> Settings:
+    """Settings from the environment and `.env`, or a one-line ConfigError naming the cause.
+
+    The line names the variable and its value (secrets as ***, long values cut short).
+    """
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{Path(ENV_FILE).resolve()}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+            f"at offset {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{Path(ENV_FILE).resolve()}: cannot read it: {exc.strerror or exc}"
+        ) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line for the first problem: `invalid setting VAR=value: message`."""
+    first = exc.errors(include_url=False)[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    variable = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "value_error":
+        # Our own validators already name the variable and its (redacted) value.
+        return f"invalid setting {message}" if variable else f"invalid settings: {message}"
+    if not variable:
+        return f"invalid settings: {message}"
+    value = shown(first.get("input"), secret=variable in _SECRET_VARIABLES)
+    return f"invalid setting {variable}={value}: {message}"

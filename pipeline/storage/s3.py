@@ -27,6 +27,7 @@ from pipeline.errors import (
     StorageConflict,
     StorageTransientError,
 )
+from pipeline.redact import shorten
 from pipeline.storage.base import (
     CACHE_CONTROL,
     Spool,
@@ -103,8 +104,12 @@ class S3Storage(Storage):
         """HeadBucket: the endpoint answers, the credentials work and the bucket exists."""
         try:
             self._client().head_bucket(Bucket=self.bucket)
+        except ConfigError:
+            raise  # a client that cannot be built is bad configuration, not an outage
         except Exception as exc:
             error = self._translate(exc, "check", None)
+            if isinstance(error, ConfigError):
+                raise error from None
             raise ServiceUnavailable(self._unavailable_line(exc, error)) from exc
 
     def put(
@@ -282,7 +287,10 @@ class S3Storage(Storage):
             # A fresh session per client: boto3's default session is not fork- or thread-safe.
             return boto3.session.Session().client("s3", config=config, **options)
         except Exception as exc:
-            raise ConfigError(f"cannot configure the S3 client: {type(exc).__name__}") from exc
+            what = f"AWS_ENDPOINT_URL={shorten(self._where())}" if self.endpoint_url else "S3"
+            raise ConfigError(
+                f"{what}: cannot configure the S3 client: {type(exc).__name__}"
+            ) from None
 
     def _where(self) -> str:
         if not self.endpoint_url:
@@ -325,7 +333,10 @@ class S3Storage(Storage):
                 "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
             )
         if isinstance(error, StorageTransientError):
-            return f"cannot reach the bucket s3://{self.bucket} at {self._where()}: {error}"
+            setting = " (AWS_ENDPOINT_URL)" if self.endpoint_url else ""
+            return (
+                f"cannot reach the bucket s3://{self.bucket} at {self._where()}{setting}: {error}"
+            )
         return str(error)
 
 

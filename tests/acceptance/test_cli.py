@@ -6,6 +6,8 @@ import base64
 import hashlib
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 from pipeline.sandbox import Sandbox
@@ -236,23 +238,51 @@ def test_missing_credentials_exit_2_before_anything_is_submitted(
     assert sum(sandbox.stats()["requests"].values()) == 0
 
 
-def test_wrong_credentials_stop_the_run_instead_of_retrying_every_item(
+def test_wrong_credentials_exit_2_at_the_preflight_before_anything_is_recorded(
     cli: Cli, sandbox: Sandbox, tmp_path: Path
 ) -> None:
+    manifest = write_manifest(tmp_path, ICONS)
+    result = cli("run", str(manifest), "--wait", "--json", SCENARIO_API_SECRET="wrong-secret")
+    assert result.code == 2, result.stderr
+    assert "credentials" in result.stderr and "Traceback" not in result.stderr
+    assert "wrong-secret" not in result.stdout + result.stderr
+    assert generate_calls(sandbox) == 0
+    assert "no runs recorded" in cli("status").stderr
+
+
+def test_credentials_revoked_mid_run_stop_the_run_instead_of_retrying_every_item(
+    cli: Cli, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    secret = "secret-before-rotation-4711"
+    sandbox.configure(api_secret=secret)
     many = ICONS + "".join(f"  - id: extra-{n}\n    prompt: extra icon {n}\n" for n in range(20))
     manifest = write_manifest(tmp_path, many)
-    result = cli("run", str(manifest), "--wait", "--json", SCENARIO_API_SECRET="wrong-secret")
+    rotated = threading.Event()
+
+    def rotate_after_the_first_generation() -> None:
+        deadline = time.monotonic() + 60
+        while generate_calls(sandbox) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sandbox.configure(api_secret="rotated-secret")
+        rotated.set()
+
+    rotator = threading.Thread(target=rotate_after_the_first_generation, daemon=True)
+    rotator.start()
+    result = cli("run", str(manifest), "--wait", "--json", SCENARIO_API_SECRET=secret)
+    rotator.join(5)
+    assert rotated.is_set()
     assert result.code == 1, result.stderr
     doc = result.json()
     assert doc["status"] == "failed"
-    assert all(i["status"] == "failed" for i in doc["items"])
-    assert all("credentials" in (i["error"] or "") for i in doc["items"])
-    assert "wrong-secret" not in result.stdout + result.stderr
+    unfinished = [i for i in doc["items"] if i["status"] != "succeeded"]
+    assert len(unfinished) >= len(doc["items"]) - 4
+    assert all("credentials" in (i["error"] or "") for i in unfinished)
+    assert secret not in result.stdout + result.stderr
     lineage_db = b"".join(p.read_bytes() for p in tmp_path.glob("lineage.db*"))  # + WAL
-    assert b"wrong-secret" not in lineage_db
-    assert base64.b64encode(b"sandbox:wrong-secret") not in lineage_db
-    # At most one wave of the parallel-jobs cap tried before the run stopped.
-    assert sandbox.stats()["requests"].get(GENERATE, 0) <= 4
+    assert secret.encode() not in lineage_db
+    assert base64.b64encode(f"sandbox:{secret}".encode()) not in lineage_db
+    # At most about one wave of the parallel-jobs cap was tried before the run stopped.
+    assert generate_calls(sandbox) <= 8
 
 
 def test_unreachable_database_or_bucket_exits_4_with_one_line(cli: Cli, tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the lineage schema (installed as `pipeline.migrations`)."""
