@@ -40,15 +40,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def manifest_text(items: int, doomed: str | None = "doomed") -> str:
+def manifest_text(items: int, doomed: str | None = "doomed", recipe: bool = True) -> str:
+    """A chaos batch; with `recipe`, each image goes through a background removal too."""
     lines = [
         "name: chaos",
         "model: model_chaos-image",
         "seed: 9",
         "params: {numOutputs: 1, width: 64, height: 64}",
         'output: "{manifest}/{item}/{index}.{ext}"',
-        "items:",
     ]
+    if recipe:
+        lines += ["steps:", "  - model: model_photoroom-background-removal"]
+    lines.append("items:")
     for n in range(items):
         lines += [f"  - id: item-{n:05d}", f'    prompt: "chaos icon {n}"']
     if doomed:
@@ -258,6 +261,13 @@ class Cluster:
         )
 
 
+def _jobs_by_model(cluster: Cluster) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in cluster.sandbox.api.store.jobs.values():
+        counts[job.model_id] = counts.get(job.model_id, 0) + 1
+    return counts
+
+
 def audit(cluster: Cluster, doc: dict[str, Any]) -> dict[str, Any]:
     """Check a finished chaos run; returns figures (raises AssertionError on a problem)."""
     stats = cluster.sandbox.stats()
@@ -281,6 +291,7 @@ def audit(cluster: Cluster, doc: dict[str, Any]) -> dict[str, Any]:
         "objects": len(in_bucket),
         "duplicate_submissions": stats["duplicate_submissions"],
         "jobs_created": stats["jobs_created"],
+        "jobs_by_model": _jobs_by_model(cluster),
         "jobs": stats["jobs"],
         "faults": stats["faults"],
         "responses_429": stats["responses_429"],

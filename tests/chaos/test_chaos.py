@@ -1,7 +1,8 @@
 """Chaos: workers SIGKILLed, Redis killed and restarted, every sandbox fault switched on.
 
-In the end every item is final, every item that can succeed did, nothing was paid for
-twice, and the bucket holds exactly the recorded outputs with the bytes Scenario served.
+The batch is a two-step recipe (generate, then remove the background of each image). In the
+end every item is final, every item that can succeed did, nothing was paid for twice at any
+step, and the bucket holds exactly the recorded outputs with the bytes Scenario served.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def test_nothing_lost_nothing_paid_twice_under_chaos(
     assert figures["succeeded"] == ITEMS
     assert figures["duplicate_submissions"] == 0
     assert figures["objects"] == ITEMS
+    # both steps ran for every item that succeeded, each exactly once per output
+    assert figures["jobs_by_model"]["model_photoroom-background-removal"] >= ITEMS
     faults = figures["faults"]
     # Each kind fires at a few percent; together they certainly fired (the sandbox's own
     # tests check each rate). The run above survived all of them.
