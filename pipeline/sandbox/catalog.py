@@ -495,7 +495,7 @@ def model_document(model_id: str, created_at: str, model_type: str = "custom") -
         "custom": trained,
         "exampleAssetIds": [],
         "privacy": "private" if trained else "public",
-        "source": "training" if trained else "scenario",
+        "source": "scenario",
         "status": "trained",
         "tags": ["sandbox"],
         "trainingImagesNumber": 12 if trained else 0,

@@ -135,6 +135,10 @@ def answers(kit: Any) -> dict[str, Any]:
         "/assets/get-bulk", json={"assetIds": [asset_id, upload["asset"]["id"]]}
     ).json()
     out["GET /models/{modelId}"] = http.get(f"/models/{model}").json()
+    out["typed models"] = {
+        m: http.get(f"/models/{m}").json()
+        for m in (LORA, "model_sandbox-flux1-lora", "model_sandbox-sd15-lora")
+    }
     out["POST /generate/caption"] = http.post(
         "/generate/caption", json={"images": [asset_id]}
     ).json()
@@ -187,6 +191,9 @@ def test_every_answer_fits_its_swagger_schema(swagger: dict[str, Any], answers: 
         )
     failed = response_schema(swagger, "/jobs/{jobId}", "GET")
     problems += conform(swagger, failed, answers["GET /jobs/{jobId} (failed)"], "failed job")
+    model_schema = response_schema(swagger, "/models/{modelId}", "GET")
+    for model_id, doc in answers["typed models"].items():
+        problems += conform(swagger, model_schema, doc, model_id)
     assert problems == []
 
 
