@@ -7,22 +7,17 @@ import binascii
 import json
 from typing import Any
 
-from pipeline.sandbox import catalog, images, signing
+from pipeline.sandbox import catalog, images, inference, outputs
+from pipeline.sandbox.assets import AUTHOR_ID, OWNER_ID, Assets
 from pipeline.sandbox.catalog import ApiProblem, Plan, bad_request
 from pipeline.sandbox.state import ALL_STATUSES, Asset, Job, Store, body_key, iso, parse_iso
 
-AUTHOR_ID = "5a5d5a0dbeefcafe5a5d5a0dbeefcafe"
-OWNER_ID = "team_SandboxSandboxSandbox"
-MAX_BULK_IDS = 200
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
-_EDIT_CAPABILITIES = ["REMOVE_BACKGROUND", "UPSCALE", "DETECTION"]
-_MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
-_TOOL_SOURCE = {
-    "slicer": "unknown",
-    "remove-background": "background-removal",
-    "upscale": "upscale",
-}
+TEAM_ID = OWNER_ID  # jobs' and assets' ownerId is the team's id
+# GET /teams/{teamId}/limits reports this when parallel_jobs is unlimited.
+UNLIMITED_PARALLEL = 1000
+_MODEL_DATE = "2025-01-01T00:00:00.000Z"
 
 
 class Api:
@@ -30,17 +25,11 @@ class Api:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-
-    # --- signing ------------------------------------------------------------------------
-    def signed_url(self, asset_id: str, cdn_base: str, ext: str = "png") -> str:
-        """A CloudFront-style signed link to the asset that expires after url_ttl."""
-        expires = int(self.store.clock() + self.store.config.url_ttl)
-        return signing.signed_url(self.store.signing_key, cdn_base, asset_id, ext, expires)
+        self.assets = Assets(store, self._observe)
 
     def check_signature(self, asset_id: str, expires: str, signature: str) -> str | None:
-        """None if the link is valid now, else why not ("tampered" or "expired")."""
-        now = self.store.clock()
-        return signing.refusal(self.store.signing_key, asset_id, expires, signature, now)
+        """None if the CDN link is valid now, else why not ("tampered" or "expired")."""
+        return self.assets.check_signature(asset_id, expires, signature)
 
     # --- jobs ---------------------------------------------------------------------------
     def _observe(self, job: Job, now: float | None = None) -> str:
@@ -49,7 +38,8 @@ class Api:
         if status == "success" and job.asset_ids is None and job.plan is not None:
             with self.store.lock:
                 if job.asset_ids is None:
-                    job.asset_ids = [a.asset_id for a in self._make_outputs(job, job.plan)]
+                    made = outputs.make_outputs(self.store, job, job.plan)
+                    job.asset_ids = [a.asset_id for a in made]
         return status
 
     def job_doc(self, job: Job, now: float | None = None) -> dict[str, Any]:
@@ -99,47 +89,138 @@ class Api:
                 raise bad_request(f"Job {job_id} is already {status}")
         return 200, {"job": self.job_doc(job)}
 
+    # --- generation ---------------------------------------------------------------------
     def generate(self, model_id: str, body: Any, dry_run: bool) -> tuple[int, dict[str, Any]]:
         """POST /generate/custom/{modelId} (HTTP 269 and the cost when dry_run)."""
         self._require_model(model_id)
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object")
-        plan = catalog.plan_generation(model_id, body)
+        types = self.store.config
+        refusal = catalog.custom_refusal(model_id, types.model_type(model_id))
+        if refusal is not None:
+            raise refusal
         trained = body.get("modelId")
         if isinstance(trained, str):
             self._require_model(trained)
+            refusal = catalog.custom_refusal(trained, types.model_type(trained))
+            if refusal is not None:
+                raise refusal
+        plan = catalog.plan_generation(model_id, body)
+        self._resolve_inputs(plan)
+        cost = self._cost(plan)
+        if dry_run:
+            return 269, cost
+        job = self._submit(model_id, body, plan, body_key(model_id, body))
+        return 200, {"job": self.job_doc(job), **cost}
+
+    def generate_inference(
+        self, name: str, body: Any, dry_run: bool, cdn_base: str
+    ) -> tuple[int, dict[str, Any]]:
+        """POST /generate/{inferenceType}: txt2img, img2img, ..., remove-background, upscale."""
+        endpoint = inference.ENDPOINTS.get(name)
+        if endpoint is None:
+            raise ApiProblem(404, f"No route for POST /v1/generate/{name}", "NotFoundError")
+        if not isinstance(body, dict):
+            raise bad_request("The request body must be a JSON object")
+        if endpoint.capability is None:
+            plan = inference.plan_tool(endpoint, body)
+            job_model = endpoint.name
+        else:
+            job_model = self._inference_model(endpoint, body)
+            for concept in inference.concept_model_ids(body):
+                self._require_model(concept)
+            plan = inference.plan_inference(endpoint, body, self.store.config.model_type(job_model))
+        self._resolve_inputs(plan)
+        key = body_key(f"/generate/{name}", body)
+        if plan.inference is not None:
+            plan.inference["seed"] = str(body.get("seed", outputs.derived_seed(key)))
+            for field, asset_id in (("image", plan.input_asset_id), ("mask", plan.mask_asset_id)):
+                if asset_id is not None:
+                    plan.inference[field] = plan.inference[f"{field}Id"] = asset_id
+            if endpoint.ip_adapter:
+                plan.inference["ipAdapterImageIds"] = list(plan.reference_asset_ids)
+        cost = self._cost(plan)
+        if dry_run:
+            return 269, cost
+        # The remove-background answer carries its output asset, pending until the job ends.
+        reserve = endpoint.name == "remove-background"
+        job = self._submit(job_model, body, plan, key, reserve=reserve)
+        doc: dict[str, Any] = {"job": self.job_doc(job), **cost}
+        if plan.inference is not None:
+            doc["inference"] = plan.inference
+        if reserve:
+            asset = self.store.assets[job.reserved_asset_ids[0]]
+            doc["asset"] = self.assets.asset_doc(asset, cdn_base)
+        return 200, doc
+
+    def _inference_model(self, endpoint: inference.Endpoint, body: dict[str, Any]) -> str:
+        """The body's modelId, checked: it exists, is not a custom model, can do this."""
+        model_id = catalog.check_string(body, "modelId", required=True)
+        assert model_id is not None
+        self._require_model(model_id)
+        model_type = self.store.config.model_type(model_id)
+        if model_type == "custom":
+            raise bad_request(
+                f"Model {model_id} is a custom model: run it through "
+                f"POST /generate/custom/{model_id}, not POST /generate/{endpoint.name}"
+            )
+        if endpoint.capability not in catalog.capabilities(model_id, model_type):
+            raise bad_request(
+                f"Model {model_id} ({model_type}) does not support {endpoint.capability}"
+            )
+        return model_id
+
+    def _resolve_inputs(self, plan: Plan) -> None:
+        """Turn the plan's image references into asset ids (404 for unknown ones) and size
+        an upscale."""
         if plan.input_asset_id is not None:
-            plan.input_asset_id = self._resolve_image(plan.input_asset_id).asset_id
+            plan.input_asset_id = self.assets.resolve_image(plan.input_asset_id).asset_id
+        if plan.mask_asset_id is not None:
+            plan.mask_asset_id = self.assets.resolve_image(plan.mask_asset_id).asset_id
         plan.reference_asset_ids = [
-            self._resolve_image(r).asset_id for r in plan.reference_asset_ids
+            self.assets.resolve_image(r).asset_id for r in plan.reference_asset_ids
         ]
         if plan.kind == "upscale":
             source = self.store.assets[plan.input_asset_id or ""]
-            factor = plan.params["upscaleFactor"]
-            if max(source.width, source.height) * factor > images.MAX_SIDE:
+            width, height, cost = inference.upscale_target(plan, source.width, source.height)
+            if max(width, height) > images.MAX_SIDE:
                 raise bad_request(f"upscaled image would exceed {images.MAX_SIDE} px per side")
-        cost = {
+            plan.params["outWidth"], plan.params["outHeight"] = width, height
+            if plan.job_type != "custom":
+                plan.cost, plan.cost_details = cost, {"upscale": cost}
+
+    @staticmethod
+    def _cost(plan: Plan) -> dict[str, Any]:
+        return {
             "creativeUnitsCost": plan.cost,
             "creativeUnitsDiscount": 0,
-            "costDetails": {"custom-generation": plan.cost},
+            "costDetails": plan.cost_details or {"custom-generation": plan.cost},
         }
-        if dry_run:
-            return 269, cost
+
+    def _submit(
+        self, model_id: str, body: dict[str, Any], plan: Plan, key: str, reserve: bool = False
+    ) -> Job:
+        """Create and bill the job unless its pool's parallel-jobs cap is reached (429);
+        `reserve` announces its outputs at once."""
         limit = self.store.config.parallel_jobs
+        pool = "custom" if plan.job_type == "custom" else "inference"
         with self.store.lock:
-            if limit is not None and self.store.running_jobs() >= limit:
+            if limit is not None and self.store.running_jobs(pool) >= limit:
                 self.store.stats.responses_429["parallel"] += 1
+                what = "jobs" if pool == "custom" else "inferences"
                 raise ApiProblem(
                     429,
-                    f"Too many running jobs: parallel jobs limit ({limit}) reached",
+                    f"Too many running {what}: parallel {what} limit ({limit}) reached",
                     "ParallelJobsLimitError",
                     limit=limit,
                 )
-            job = self._new_job(model_id, body, plan)
+            job = self._new_job(model_id, body, plan, key)
             self.store.add_job(job)
-        return 200, {"job": self.job_doc(job), **cost}
+            if reserve:
+                outputs.reserve_outputs(self.store, job, plan)
+        return job
 
-    def _new_job(self, model_id: str, body: dict[str, Any], plan: Plan) -> Job:
+    def _new_job(self, model_id: str, body: dict[str, Any], plan: Plan, key: str) -> Job:
         cfg = self.store.config
         prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
         matched = next((s for s in cfg.fail_prompts if s and s in (prompt or "")), None)
@@ -147,13 +228,13 @@ class Api:
         job = Job(
             seq=self.store.next_seq(),
             job_id=self.store.new_id("job_", 25),
-            job_type="custom",
+            job_type=plan.job_type,
             model_id=model_id,
             body=body,
             created=self.store.now_ms(),
-            duration=self.store.job_duration(),
+            duration=self.store.job_duration(model_id, plan.job_type),
             cost=plan.cost,
-            key=body_key(model_id, body),
+            key=key,
             plan=plan,
             fails=fails,
         )
@@ -258,199 +339,81 @@ class Api:
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise bad_request("paginationToken is invalid") from None
 
-    # --- assets -------------------------------------------------------------------------
-    def _resolve_image(self, ref: str) -> Asset:
-        """An input image given as an asset id or a data URL (which becomes an asset)."""
-        if ref.startswith("data:"):
-            return self._asset_from_data_url(ref, name=None)
-        asset = self.store.assets.get(ref)
-        if asset is None:
-            raise bad_request(f"Unknown asset id: {ref}")
-        return asset
-
-    def _asset_from_data_url(self, data_url: str, name: str | None) -> Asset:
-        header, _, payload = data_url.partition(",")
-        if not header.startswith("data:") or ";base64" not in header:
-            raise bad_request("image must be a base64 data URL (data:image/png;base64,...)")
-        try:
-            data = base64.b64decode(payload, validate=True)
-            width, height = images.image_size(data)
-        except (binascii.Error, ValueError, OSError):
-            raise bad_request("image is not a valid base64-encoded image") from None
-        now = self.store.clock()
-        asset = Asset(
-            asset_id=self.store.new_id("asset_", 22),
-            created=now,
-            source="uploaded",
-            width=width,
-            height=height,
-            render=lambda: data,
-            name=name,
-            mime=header[5:].split(";")[0] or "image/png",
-        )
-        self.store.add_asset(asset, data)
-        self.store.asset_bytes(asset)
-        return asset
-
-    def upload(self, body: Any, cdn_base: str) -> tuple[int, dict[str, Any]]:
-        """POST /assets with a base64 data URL."""
-        if not isinstance(body, dict):
-            raise bad_request("The request body must be a JSON object")
-        name = body.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request("name is required")
-        image = body.get("image")
-        if not isinstance(image, str):
-            raise bad_request("image is required (a base64 data URL)")
-        parent = body.get("parentId")
-        if parent is not None and parent not in self.store.assets:
-            raise bad_request(f"Unknown asset id: {parent}")
-        asset = self._asset_from_data_url(image, name)
-        asset.parent_id = parent
-        with self.store.lock:
-            self.store.stats.uploads += 1
-        return 200, {"asset": self.asset_doc(asset, cdn_base)}
-
-    def asset_doc(self, asset: Asset, cdn_base: str) -> dict[str, Any]:
-        """The API's asset object, with a freshly signed URL."""
-        data = self.store.asset_bytes(asset)
-        mime = asset.mime
-        metadata: dict[str, Any] = {
-            "kind": "image",
-            "type": asset.source,
-            "width": asset.width,
-            "height": asset.height,
-        }
-        for key, value in (
-            ("name", asset.name),
-            ("prompt", asset.prompt),
-            ("seed", asset.seed),
-            ("modelId", asset.model_id),
-            ("parentId", asset.parent_id),
-            ("parentJobId", asset.job_id),
-            ("outputIndex", asset.output_index),
-        ):
-            if value is not None:
-                metadata[key] = value
-        doc: dict[str, Any] = {
-            "id": asset.asset_id,
-            "url": self.signed_url(asset.asset_id, cdn_base, _MIME_EXT.get(mime, "png")),
-            "mimeType": mime,
-            "kind": "image",
-            "status": "success",
-            "source": asset.source,
-            "metadata": metadata,
-            "properties": {
-                "size": len(data),
-                "width": asset.width,
-                "height": asset.height,
-                "format": _MIME_EXT.get(mime, "png"),
-            },
-            "authorId": AUTHOR_ID,
-            "ownerId": OWNER_ID,
-            "collectionIds": [],
-            "editCapabilities": _EDIT_CAPABILITIES,
-            "privacy": "private",
-            "tags": [],
-            "createdAt": iso(asset.created),
-            "updatedAt": iso(asset.created),
-        }
-        if asset.output_index is not None:
-            doc["outputIndex"] = asset.output_index
-        return doc
-
-    def get_asset(self, asset_id: str, cdn_base: str) -> tuple[int, dict[str, Any]]:
-        """GET /assets/{assetId}."""
-        asset = self.store.assets.get(asset_id)
-        if asset is None:
-            raise ApiProblem(404, f"Asset {asset_id} not found", "NotFoundError")
-        return 200, {"asset": self.asset_doc(asset, cdn_base)}
-
-    def get_bulk(self, body: Any, cdn_base: str) -> tuple[int, dict[str, Any]]:
-        """POST /assets/get-bulk: up to 200 ids; unknown ids are left out."""
-        ids = body.get("assetIds") if isinstance(body, dict) else None
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise bad_request("assetIds must be an array of asset ids")
-        if len(ids) > MAX_BULK_IDS:
-            raise bad_request(f"assetIds accepts at most {MAX_BULK_IDS} ids, got {len(ids)}")
-        found = [self.store.assets[i] for i in dict.fromkeys(ids) if i in self.store.assets]
-        return 200, {"assets": [self.asset_doc(a, cdn_base) for a in found]}
-
-    def _make_outputs(self, job: Job, plan: Plan) -> list[Asset]:
-        """Create the assets a succeeded job produced (their bytes render on first use)."""
-        store = self.store
-        source = store.assets.get(plan.input_asset_id or "")
-        outputs: list[Asset] = []
-
-        def add(index: int, kind: str, width: int, height: int, render: Any) -> None:
-            asset = Asset(
-                asset_id=store.new_id("asset_", 22),
-                created=job.history(store.clock())[-1][1],
-                source=kind,
-                width=width,
-                height=height,
-                render=render,
-                job_id=job.job_id,
-                model_id=job.body.get("modelId") or job.model_id,
-                output_index=index,
-                prompt=job.body.get("prompt"),
-                parent_id=source.asset_id if source else None,
-            )
-            store.add_asset(asset)
-            outputs.append(asset)
-
-        if plan.kind == "image":
-            seed = str(job.body.get("seed", int(job.key[:8], 16) % 2**31))
-            width, height = plan.params["width"], plan.params["height"]
-            kind = "img2img" if source else "txt2img"
-            for index in range(plan.num_outputs):
-                key = f"{job.key}:{index}"
-                if source is None:
-                    render: Any = lambda k=key: images.generated_png(k, width, height)  # noqa: E731
-                else:
-                    render = lambda k=key, s=source, f=float(plan.params["strength"]): (  # noqa: E731
-                        images.img2img_png(k, width, height, store.asset_bytes(s), f)
-                    )
-                add(index, kind, width, height, render)
-                outputs[-1].seed = seed
-        elif source is not None and plan.kind == "slicer":
-            x, y = plan.params["xSubdivisions"], plan.params["ySubdivisions"]
-            for index in range(x * y):
-                row, col = divmod(index, x)
-                w = (col + 1) * source.width // x - col * source.width // x
-                h = (row + 1) * source.height // y - row * source.height // y
-                add(
-                    index,
-                    "unknown",
-                    w,
-                    h,
-                    lambda i=index: images.slice_png(store.asset_bytes(source), x, y)[i],
-                )
-        elif source is not None and plan.kind == "remove-background":
-            colour = plan.params.get("backgroundColor")
-            add(
-                0,
-                _TOOL_SOURCE[plan.kind],
-                source.width,
-                source.height,
-                lambda: images.remove_background_png(store.asset_bytes(source), colour),
-            )
-        elif source is not None and plan.kind == "upscale":
-            factor = plan.params["upscaleFactor"]
-            add(
-                0,
-                "upscale",
-                source.width * factor,
-                source.height * factor,
-                lambda: images.upscale_png(store.asset_bytes(source), factor),
-            )
-        return outputs
-
-    # --- models and captions --------------------------------------------------------------
+    # --- models, teams and captions -------------------------------------------------------
     def get_model(self, model_id: str) -> tuple[int, dict[str, Any]]:
-        """GET /models/{modelId}."""
+        """GET /models/{modelId}: its type (model_types), capabilities and inputs."""
         self._require_model(model_id)
-        return 200, {"model": catalog.model_document(model_id, "2025-01-01T00:00:00.000Z")}
+        model_type = self.store.config.model_type(model_id)
+        return 200, {"model": catalog.model_document(model_id, _MODEL_DATE, model_type)}
+
+    def list_teams(self) -> tuple[int, dict[str, Any]]:
+        """GET /teams (in the SDK, not the Swagger): the one team the key belongs to."""
+        team = {
+            "id": TEAM_ID,
+            "name": "Sandbox",
+            "plan": "cu-pro",
+            "type": "shared",
+            "createdAt": _MODEL_DATE,
+            "updatedAt": _MODEL_DATE,
+            "context": {"invitationsCount": 0, "keysCount": 1, "userRole": "key", "usersCount": 1},
+            "projects": [
+                {
+                    "id": "proj_SandboxSandboxSandbox",
+                    "name": "Sandbox",
+                    "createdAt": _MODEL_DATE,
+                    "updatedAt": _MODEL_DATE,
+                }
+            ],
+        }
+        return 200, {"teams": [team]}
+
+    def team_limits(self, team_id: str) -> tuple[int, dict[str, Any]]:
+        """GET /teams/{teamId}/limits (in the SDK, not the Swagger); 403 unless
+        limits_access, as for the many API keys that may not read it."""
+        if team_id != TEAM_ID:
+            raise ApiProblem(404, f"Team {team_id} not found", "NotFoundError")
+        cfg = self.store.config
+        if not cfg.limits_access:
+            raise ApiProblem(
+                403, "Forbidden: this API key may not read the team's limits", "ForbiddenError"
+            )
+        parallel = cfg.parallel_jobs if cfg.parallel_jobs is not None else UNLIMITED_PARALLEL
+        limits = dict.fromkeys(
+            (
+                "apiKeys", "canvasAssetLayers", "canvasAssets", "collections", "defaultSeats",
+                "downloadAssets", "downloadModel", "maxTrainingDatasets", "models",
+                "OTPSessions", "projects", "seats", "snapshotsRetention", "upload",
+            ),
+            100,
+        )  # fmt: skip
+        limits.update(
+            creativeUnits=100000,
+            inferenceBatchSize=128,
+            minCooldown=0,
+            maxCooldown=60,
+            parallelCustomJobs=parallel,
+            parallelInferences=parallel,
+            parallelTraining=1,
+            parallelWorkflowRuns=parallel,
+            premiumGenerationSamples=4,
+            scalingFactor=1,
+        )
+        with self.store.lock:
+            spent = self.store.stats.creative_units
+        return 200, {
+            "limits": limits,
+            "oneShotCreativeUnits": [],
+            "period": {"start": _MODEL_DATE, "end": "2099-01-01T00:00:00.000Z"},
+            "plan": "cu-pro",
+            "values": {
+                "apiKeys": 1,
+                "canvasAssets": 0,
+                "collections": 0,
+                "creativeUnits": spent,
+                "projects": 1,
+                "seats": 1,
+            },
+        }
 
     def caption(self, body: Any, dry_run: bool) -> tuple[int, dict[str, Any]]:
         """POST /generate/caption: one deterministic caption per image, job already done."""
@@ -459,7 +422,7 @@ class Api:
             refs = body.get("images") or body.get("assetIds")
         if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
             raise bad_request("images must be a non-empty array of asset ids or data URLs")
-        assets = [self._resolve_image(ref) for ref in refs]
+        assets = [self.assets.resolve_image(ref) for ref in refs]
         cost = float(len(assets) * catalog.CU_CAPTION_PER_IMAGE)
         if dry_run:
             return 269, {"creativeUnitsCost": cost, "creativeUnitsDiscount": 0}

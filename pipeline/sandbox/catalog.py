@@ -6,17 +6,75 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import ImageColor
+
 SLICER = "model_scenario-image-slicer"
 BACKGROUND_REMOVAL = "model_photoroom-background-removal"
 UPSCALE = "model_upscale-v3"
 TOOL_MODELS = (SLICER, BACKGROUND_REMOVAL, UPSCALE)
 
-# Flat costs in creative units; image models cost per output and per started megapixel.
+# Flat costs in creative units; image models cost per output and per started megapixel,
+# at a rate that depends on the model's family (custom models: 5).
 CU_PER_IMAGE_MEGAPIXEL = 5
+CU_PER_MEGAPIXEL_BY_FAMILY = {
+    "custom": CU_PER_IMAGE_MEGAPIXEL,
+    "sd-1_5": 2,
+    "sd-xl": 3,
+    "flux.1": 5,
+    "flux.1-kontext": 6,
+    "flux-pro": 8,
+    "gpt-image": 10,
+}
+# Each image of controlnet, inpaint and ip-adapter inferences costs this much more.
+CU_CONDITIONING_PER_IMAGE = 1
 CU_SLICER = 1
 CU_BACKGROUND_REMOVAL = 2
 CU_UPSCALE_PER_FACTOR = 2
 CU_CAPTION_PER_IMAGE = 1
+
+
+_INFERENCE_ONLY_FAMILIES = ("sd-1_5", "sd-xl", "flux.1", "flux.1-kontext", "flux-pro")
+_FULL = ["controlnet", "img2img", "img2img_ip_adapter", "inpaint", "txt2img", "txt2img_ip_adapter"]
+_CAPABILITIES = {
+    "sd-1_5": _FULL,
+    "sd-xl": _FULL,
+    "flux.1": _FULL,
+    "flux.1-kontext": ["img2img"],
+    "flux-pro": ["txt2img"],
+    "gpt-image": ["txt2img", "img2img"],
+}
+SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LCMScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "TCDScheduler",
+)
+MODALITIES = (
+    "blur",
+    "canny",
+    "depth",
+    "gray",
+    "illusion",
+    "lineart",
+    "lines",
+    "low-quality",
+    "normal-map",
+    "pose",
+    "scribble",
+    "seg",
+    "sketch",
+    "tile",
+)
 
 
 class ApiProblem(Exception):
@@ -165,6 +223,46 @@ class Plan:
     params: dict[str, Any] = field(default_factory=dict)
     input_asset_id: str | None = None
     reference_asset_ids: list[str] = field(default_factory=list)
+    job_type: str = "custom"
+    # The outputs' asset `source` and `metadata.type` (None: derived from `kind`).
+    source: str | None = None
+    meta_type: str | None = None
+    mask_asset_id: str | None = None
+    cost_details: dict[str, float] = field(default_factory=dict)
+    # The `inference` object of a /generate/{inferenceType} answer.
+    inference: dict[str, Any] | None = None
+
+
+def check_colour(body: dict[str, Any], name: str) -> str | None:
+    """An optional colour input (#rrggbb or an HTML name; "transparent" = none)."""
+    value = _check_string(body, name, required=False)
+    if value is None or value == "transparent":
+        return None
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        raise bad_request(f"{name} must be a hex code or an HTML colour, got {value!r}") from None
+    return value
+
+
+def check_seed(body: dict[str, Any]) -> None:
+    """seed: an integer within [0, 2147483647] or a string of digits."""
+    seed = body.get("seed")
+    if seed is not None and not (
+        (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= 2147483647)
+        or (isinstance(seed, str) and seed.isdigit() and int(seed) <= 2147483647)
+    ):
+        raise bad_request(f"seed must be an integer within [0, 2147483647], got {seed!r}")
+
+
+def check_number(body: dict[str, Any], spec: dict[str, Any], integer: bool) -> Any:
+    """A number input per its spec (default, allowedValues, min/max); raise 400."""
+    return _check_number(body, spec, integer)
+
+
+def check_string(body: dict[str, Any], name: str, required: bool) -> str | None:
+    """A string input; raise 400 when missing (if required) or not a string."""
+    return _check_string(body, name, required)
 
 
 def _check_number(body: dict[str, Any], spec: dict[str, Any], integer: bool) -> Any:
@@ -213,7 +311,7 @@ def plan_generation(model_id: str, body: dict[str, Any]) -> Plan:
                 image,
             )
         if model_id == BACKGROUND_REMOVAL:
-            colour = _check_string(body, "backgroundColor", required=False)
+            colour = check_colour(body, "backgroundColor")
             return Plan(
                 model_id,
                 "remove-background",
@@ -231,12 +329,7 @@ def plan_generation(model_id: str, body: dict[str, Any]) -> Plan:
     _check_string(body, "modelId", required=False)
     _check_string(body, "negativePrompt", required=False)
     image = _check_string(body, "image", required=False)
-    seed = body.get("seed")
-    if seed is not None and not (
-        (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= 2147483647)
-        or (isinstance(seed, str) and seed.isdigit())
-    ):
-        raise bad_request(f"seed must be an integer within [0, 2147483647], got {seed!r}")
+    check_seed(body)
     num = _check_number(body, specs["numOutputs"], integer=True)
     width = _check_number(body, specs["width"], integer=True)
     height = _check_number(body, specs["height"], integer=True)
@@ -251,36 +344,161 @@ def plan_generation(model_id: str, body: dict[str, Any]) -> Plan:
         raise bad_request("referenceImages must be an array of strings")
     if len(references) > specs["referenceImages"]["max"]:
         raise bad_request("referenceImages accepts at most 10 images")
-    megapixels = math.ceil(width * height / (1024 * 1024))
+    cost = image_cost("custom", num, width, height)
     return Plan(
         model_id,
         "image",
         num,
-        float(num * megapixels * CU_PER_IMAGE_MEGAPIXEL),
+        cost,
         {"prompt": prompt, "width": width, "height": height, "strength": strength},
         image,
         list(references),
+        cost_details={"custom-generation": cost},
     )
 
 
-def model_document(model_id: str, created_at: str) -> dict[str, Any]:
+def image_cost(model_type: str, count: int, width: int, height: int, extra: int = 0) -> float:
+    """CU for `count` images: the type's rate per started megapixel, plus `extra` each."""
+    megapixels = math.ceil(width * height / (1024 * 1024))
+    return float(count * (megapixels * CU_PER_MEGAPIXEL_BY_FAMILY[family(model_type)] + extra))
+
+
+def family(model_type: str) -> str:
+    """The base-model family of a model type: "sd-1_5", "sd-xl", "flux.1", "flux.1-kontext",
+    "flux-pro", "gpt-image" or "custom"."""
+    if model_type.startswith("flux.1-kontext"):
+        return "flux.1-kontext"
+    if model_type in ("flux.1-pro", "flux.1.1-pro-ultra", "flux1.1-pro"):
+        return "flux-pro"
+    for prefix in ("sd-1_5", "sd-xl", "flux.1"):
+        if model_type.startswith(prefix):
+            return prefix
+    return "gpt-image" if model_type == "gpt-image-1" else "custom"
+
+
+def custom_refusal(model_id: str, model_type: str) -> ApiProblem | None:
+    """The 400 POST /generate/custom answers for SD1.5/SDXL/Flux.1/Kontext models, else None."""
+    if family(model_type) not in _INFERENCE_ONLY_FAMILIES:
+        return None
+    return bad_request(
+        f"Model {model_id} (type {model_type}): this endpoint is not available yet for "
+        "SD1.5, SDXL, Flux.1 and Flux.1-Kontext based models. For these models, use the "
+        "POST /generate/{inferenceType} endpoint. Ex: POST /generate/txt2img"
+    )
+
+
+def capabilities(model_id: str, model_type: str) -> list[str]:
+    """What the model can do (GET /models/{id} `capabilities`)."""
+    if model_id in TOOL_INPUTS:
+        return ["img2img"]
+    return list(_CAPABILITIES.get(family(model_type), ["txt2img", "img2img"]))
+
+
+def inference_inputs(model_type: str) -> list[dict[str, Any]]:
+    """The inputs a model run through /generate/{inferenceType} declares."""
+    side = 512 if family(model_type) == "sd-1_5" else 1024
+    guidance = 7.5 if family(model_type) in ("sd-1_5", "sd-xl") else 3.5
+    return [
+        {**IMAGE_MODEL_INPUTS[0], "description": "What to generate."},
+        {
+            "name": "negativePrompt",
+            "type": "string",
+            "label": "Negative prompt",
+            "description": "What to avoid.",
+        },
+        _number(
+            "seed",
+            0,
+            2147483647,
+            step=1,
+            description="Fixed seed (an integer or a string of digits); random when absent.",
+        ),
+        {
+            **_number("numSamples", 1, 128, 4, 1, "Number of images to generate."),
+            "costImpact": True,
+        },
+        {
+            **_number("width", 64, 2048, side, 8, "Output width in pixels, a multiple of 8."),
+            "costImpact": True,
+        },
+        {
+            **_number("height", 64, 2048, side, 8, "Output height in pixels, a multiple of 8."),
+            "costImpact": True,
+        },
+        _number("guidance", 0, 20, guidance, 0.1, "Prompt adherence."),
+        _number("numInferenceSteps", 1, 150, 30, 1, "Denoising steps."),
+        {
+            "name": "scheduler",
+            "type": "string",
+            "label": "Scheduler",
+            "allowedValues": list(SCHEDULERS),
+            "description": "Overrides the model's scheduler.",
+        },
+        _file(
+            "image",
+            False,
+            "Input image (asset id or data URL): img2img, inpaint, controlnet, img2img-ip-adapter.",
+        ),
+        _number("strength", 0.01, 1, 0.75, 0.01, "How far the output may move from `image`."),
+        _file("mask", False, "Inpaint mask (asset id or data URL); white is repainted."),
+        {
+            "name": "modality",
+            "type": "string",
+            "label": "Modality",
+            "allowedValues": list(MODALITIES),
+            "description": "ControlNet modality of `image` (controlnet only, required there).",
+        },
+        {
+            "name": "ipAdapterImages",
+            "type": "file_array",
+            "kind": "image",
+            "label": "IP-Adapter images",
+            "max": 10,
+            "description": "Reference images (data URLs) for the ip-adapter endpoints.",
+        },
+        {
+            "name": "ipAdapterImageIds",
+            "type": "string_array",
+            "label": "IP-Adapter image ids",
+            "max": 10,
+            "description": "Reference images as asset ids for the ip-adapter endpoints.",
+        },
+        _number("ipAdapterScale", 0, 1, 0.9, 0.01, "IP-Adapter influence."),
+        {
+            "name": "ipAdapterType",
+            "type": "string",
+            "label": "IP-Adapter type",
+            "allowedValues": ["style", "character"],
+            "default": "style",
+            "description": "What the IP-Adapter images convey.",
+        },
+    ]
+
+
+def model_inputs_for(model_id: str, model_type: str) -> list[dict[str, Any]]:
+    """The inputs[] a model declares, given its type."""
+    if model_type != "custom" and model_id not in TOOL_INPUTS:
+        return inference_inputs(model_type)
+    return model_inputs(model_id)
+
+
+def model_document(model_id: str, created_at: str, model_type: str = "custom") -> dict[str, Any]:
     """The `model` object of GET /models/{modelId}."""
-    tool = model_id in TOOL_INPUTS
-    capabilities = ["img2img"] if tool else ["txt2img", "img2img"]
+    trained = model_type != "custom"
     return {
         "id": model_id,
         "name": model_id.removeprefix("model_"),
-        "capabilities": capabilities,
+        "capabilities": capabilities(model_id, model_type),
         "collectionIds": [],
         "createdAt": created_at,
         "updatedAt": created_at,
-        "custom": False,
+        "custom": trained,
         "exampleAssetIds": [],
-        "privacy": "public",
+        "privacy": "private" if trained else "public",
         "source": "scenario",
         "status": "trained",
         "tags": ["sandbox"],
-        "trainingImagesNumber": 0,
-        "type": "custom",
-        "inputs": model_inputs(model_id),
+        "trainingImagesNumber": 12 if trained else 0,
+        "type": model_type,
+        "inputs": model_inputs_for(model_id, model_type),
     }

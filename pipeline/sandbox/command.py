@@ -5,11 +5,29 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import typer
 
-from pipeline.sandbox.config import SandboxConfig
+from pipeline.sandbox.config import DEFAULT_MODEL_TYPES, SandboxConfig
 from pipeline.sandbox.server import Sandbox
+
+T = TypeVar("T")
+
+
+def _pairs(values: list[str], flag: str, convert: Callable[[str], T]) -> dict[str, T]:
+    """KEY=VALUE options as a dict; a malformed one is a usage error naming the flag."""
+    out: dict[str, T] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            out[key] = convert(raw)
+        except ValueError:
+            raise typer.BadParameter(f"expected ID=VALUE, got {item!r}", param_hint=flag) from None
+    return out
 
 
 def sandbox_command(
@@ -57,29 +75,54 @@ def sandbox_command(
         0.0, "--fault-truncate", help="Share of downloads cut off mid-body."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible faults."),
+    model_type: list[str] = typer.Option(
+        [],
+        "--model-type",
+        help="ID=TYPE: GET /models/ID reports this type (sd-xl-lora, flux.1-lora, ...); "
+        "repeatable, added to the demo models.",
+    ),
+    model_latency: list[str] = typer.Option(
+        [],
+        "--model-latency",
+        help="ID=SECONDS: jobs of this model id or jobType take this long instead of "
+        "--latency (repeatable).",
+    ),
+    limits_access: bool = typer.Option(
+        False,
+        "--limits-access/--no-limits-access",
+        help="Let the key read GET /teams/{teamId}/limits (default: 403, as for many keys).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
 ) -> None:
     """Serve a local Scenario-compatible API (under /v1) until Ctrl-C."""
-    config = SandboxConfig(
-        api_key=os.environ.get("SCENARIO_API_KEY") or key,
-        api_secret=os.environ.get("SCENARIO_API_SECRET") or secret,
-        latency=latency,
-        latency_spread=latency_spread,
-        failure_rate=failure_rate,
-        fail_prompts=list(fail_prompt),
-        missing_models=list(missing_model),
-        url_ttl=url_ttl,
-        rate_limit=rate_limit,
-        rate_burst=rate_burst,
-        parallel_jobs=parallel_jobs,
-        fault_5xx_rate=fault_5xx,
-        fault_drop_rate=fault_drop,
-        fault_expired_rate=fault_expired,
-        fault_slow_rate=fault_slow,
-        slow_seconds=slow_seconds,
-        fault_truncate_rate=fault_truncate,
-        seed=seed,
-    )
+    types = dict(DEFAULT_MODEL_TYPES)
+    types.update(_pairs(model_type, "--model-type", str))
+    try:
+        config = SandboxConfig(
+            api_key=os.environ.get("SCENARIO_API_KEY") or key,
+            api_secret=os.environ.get("SCENARIO_API_SECRET") or secret,
+            latency=latency,
+            latency_spread=latency_spread,
+            failure_rate=failure_rate,
+            fail_prompts=list(fail_prompt),
+            missing_models=list(missing_model),
+            url_ttl=url_ttl,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
+            parallel_jobs=parallel_jobs,
+            fault_5xx_rate=fault_5xx,
+            fault_drop_rate=fault_drop,
+            fault_expired_rate=fault_expired,
+            fault_slow_rate=fault_slow,
+            slow_seconds=slow_seconds,
+            fault_truncate_rate=fault_truncate,
+            seed=seed,
+            model_types=types,
+            model_latency=_pairs(model_latency, "--model-latency", float),
+            limits_access=limits_access,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     sandbox = Sandbox(config, host=host, port=port, verbose=verbose).start()
     typer.echo(sandbox.url)
     typer.echo(

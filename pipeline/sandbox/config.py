@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 #: Fault kinds, as counted in the stats document and named in the docs.
 FAULT_KINDS = ("5xx", "drop", "expired", "slow", "truncate")
+
+#: Model types of the Swagger's model `type` enum (also in the SDK's).
+MODEL_TYPES = (
+    "custom",
+    "flux.1",
+    "flux.1-composition",
+    "flux.1-kontext-dev",
+    "flux.1-kontext-lora",
+    "flux.1-krea-dev",
+    "flux.1-krea-lora",
+    "flux.1-lora",
+    "flux.1-pro",
+    "flux.1.1-pro-ultra",
+    "flux1.1-pro",
+    "gpt-image-1",
+    "sd-1_5",
+    "sd-1_5-composition",
+    "sd-1_5-lora",
+    "sd-xl",
+    "sd-xl-composition",
+    "sd-xl-lora",
+)
+
+#: Demo trained models every sandbox knows; any other model id is of type "custom".
+DEFAULT_MODEL_TYPES = {
+    "model_sandbox-sdxl-lora": "sd-xl-lora",
+    "model_sandbox-flux1-lora": "flux.1-lora",
+    "model_sandbox-sd15-lora": "sd-1_5-lora",
+}
 
 _RATE_FIELDS = (
     "failure_rate",
@@ -46,6 +76,12 @@ class SandboxConfig:
     # this, the way a scan-backed list stops at a partition boundary. None = never.
     page_cut_every: int | None = 37
     seed: int | None = None
+    # model id -> the model `type` GET /models/{id} reports (everything else is "custom").
+    model_types: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODEL_TYPES))
+    # model id or jobType -> seconds a job takes instead of `latency` (the model id wins).
+    model_latency: dict[str, float] = field(default_factory=dict)
+    # Whether the API key may read GET /teams/{teamId}/limits (False: 403, as for many keys).
+    limits_access: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +107,41 @@ class SandboxConfig:
             raise ValueError("page_cut_every must be >= 1 (or None)")
         if not isinstance(self.fail_prompts, list) or not isinstance(self.missing_models, list):
             raise ValueError("fail_prompts and missing_models must be lists of strings")
+        if not isinstance(self.model_types, dict):
+            raise ValueError("model_types must be an object of model id -> model type")
+        for model_id, kind in self.model_types.items():
+            if not isinstance(model_id, str) or kind not in MODEL_TYPES:
+                raise ValueError(
+                    f"model_types[{model_id!r}] must be one of {', '.join(MODEL_TYPES)}, "
+                    f"got {kind!r}"
+                )
+        if not isinstance(self.model_latency, dict):
+            raise ValueError("model_latency must be an object of model id or jobType -> seconds")
+        for key, seconds in self.model_latency.items():
+            if (
+                not isinstance(key, str)
+                or isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 <= seconds < math.inf
+            ):
+                raise ValueError(
+                    f"model_latency[{key!r}] must be a finite number of seconds >= 0, "
+                    f"got {seconds!r}"
+                )
+        if not isinstance(self.limits_access, bool):
+            raise ValueError("limits_access must be true or false")
+
+    def latency_for(self, *keys: str) -> float:
+        """`model_latency` of the first key that has one (model id, then jobType), else
+        `latency`."""
+        for key in keys:
+            if key in self.model_latency:
+                return float(self.model_latency[key])
+        return self.latency
+
+    def model_type(self, model_id: str) -> str:
+        """The model's `type`: from `model_types`, else "custom"."""
+        return self.model_types.get(model_id, "custom")
 
     @property
     def burst(self) -> int:

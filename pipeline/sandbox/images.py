@@ -59,6 +59,17 @@ def img2img_png(key: str, width: int, height: int, source: bytes, strength: floa
     return encode_png(Image.blend(base, grid_image(key, width, height), strength))
 
 
+def inpaint_png(
+    key: str, width: int, height: int, source: bytes, mask: bytes, strength: float
+) -> bytes:
+    """An inpainting output: img2img where the mask is white, the input elsewhere."""
+    base = decode(source).convert("RGB").resize((width, height), Image.Resampling.NEAREST)
+    painted = Image.blend(base, grid_image(key, width, height), strength)
+    area = decode(mask).convert("L").resize((width, height), Image.Resampling.NEAREST)
+    area = area.point(lambda value: 255 if value >= 128 else 0)
+    return encode_png(Image.composite(painted, base, area))
+
+
 @lru_cache(maxsize=32)
 def slice_png(source: bytes, x_subdivisions: int, y_subdivisions: int) -> tuple[bytes, ...]:
     """Cut the image into x by y tiles, returned in reading order (row by row)."""
@@ -96,9 +107,25 @@ def remove_background_png(source: bytes, background_color: str | None = None) ->
 
 def upscale_png(source: bytes, factor: int) -> bytes:
     """The image resized by an integer factor."""
-    image = decode(source)
-    width, height = image.size
-    return encode_png(image.resize((width * factor, height * factor), Image.Resampling.NEAREST))
+    width, height = image_size(source)
+    return resize_png(source, width * factor, height * factor)
+
+
+def resize_png(source: bytes, width: int, height: int) -> bytes:
+    """The image resized to width x height (nearest neighbour, alpha kept)."""
+    return encode_png(decode(source).resize((width, height), Image.Resampling.NEAREST))
+
+
+def to_jpeg(data: bytes) -> bytes:
+    """Encoded image bytes re-encoded as JPEG (alpha flattened onto white)."""
+    image = decode(data)
+    if image.mode in ("RGBA", "LA", "P"):
+        backdrop = Image.new("RGBA", image.size, "white")
+        backdrop.alpha_composite(image.convert("RGBA"))
+        image = backdrop
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=90)
+    return out.getvalue()
 
 
 def dominant_colour(source: bytes) -> str:

@@ -21,7 +21,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pipeline.sandbox.api import Api
 from pipeline.sandbox.catalog import ApiProblem, bad_request
 from pipeline.sandbox.config import SandboxConfig
+from pipeline.sandbox.inference import ENDPOINTS
 from pipeline.sandbox.state import Store
+from pipeline.sandbox.uploads import MAX_PART_BYTES, PART_PATH, Uploads
 
 MAX_BODY = 6 * 1024 * 1024  # the API's request payload limit (larger files go via /uploads)
 _DRAIN_LIMIT = 64 * 1024 * 1024
@@ -33,15 +35,34 @@ ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     for method, pattern, template, handler in (
         ("POST", r"/generate/custom/(?P<model_id>[^/]+)", "/generate/custom/{modelId}", "generate"),
         ("POST", r"/generate/caption", "/generate/caption", "caption"),
+        *(
+            ("POST", rf"/generate/(?P<inference_type>{name})", f"/generate/{name}", "inference")
+            for name in ENDPOINTS
+        ),
         ("GET", r"/jobs", "/jobs", "list_jobs"),
         ("GET", r"/jobs/(?P<job_id>[^/]+)", "/jobs/{jobId}", "get_job"),
         ("POST", r"/jobs/(?P<job_id>[^/]+)/action", "/jobs/{jobId}/action", "cancel_job"),
         ("POST", r"/assets", "/assets", "upload"),
+        ("DELETE", r"/assets", "/assets", "delete_assets"),
         ("POST", r"/assets/get-bulk", "/assets/get-bulk", "get_bulk"),
         ("GET", r"/assets/(?P<asset_id>[^/]+)", "/assets/{assetId}", "get_asset"),
         ("GET", r"/models/(?P<model_id>[^/]+)", "/models/{modelId}", "get_model"),
+        ("POST", r"/uploads", "/uploads", "create_upload"),
+        ("GET", r"/uploads/(?P<upload_id>[^/]+)", "/uploads/{uploadId}", "get_upload"),
+        (
+            "POST",
+            r"/uploads/(?P<upload_id>[^/]+)/action",
+            "/uploads/{uploadId}/action",
+            "upload_action",
+        ),
+        # In the official SDK, not in the Swagger export:
+        ("GET", r"/teams", "/teams", "list_teams"),
+        ("GET", r"/teams/(?P<team_id>[^/]+)/limits", "/teams/{teamId}/limits", "team_limits"),
     )
 ]
+#: Routes the official SDK calls that the Swagger export does not list.
+SDK_ONLY_ROUTES = {"/teams", "/teams/{teamId}/limits"}
+_PART_PATH = re.compile(re.escape(PART_PATH) + r"(?P<upload_id>[A-Za-z0-9_]+)/(?P<number>\d+)$")
 _CDN_PATH = re.compile(r"/cdn/(?P<asset_id>asset_[A-Za-z0-9]+)\.(?P<ext>[a-z]+)$")
 _CLOUDFRONT_DENIED = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
@@ -139,14 +160,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(doc).encode(), "application/json; charset=utf-8", headers)
 
-    def _read_body(self) -> bytes | None:
+    def _read_body(self, limit: int = MAX_BODY) -> bytes | None:
         """The request body, or None after answering 411/413 itself."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True
             self._json(411, {"message": "Content-Length is required"})
             return None
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
+        if length > limit:
             if length > _DRAIN_LIMIT:
                 self.close_connection = True
             else:  # read it all so the client sees the answer rather than a reset
@@ -192,6 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._control(path)
             elif path.startswith("/cdn/"):
                 self._cdn(path, query)
+            elif path.startswith(PART_PATH):
+                self._upload_part(path, query)
             elif path == _API_PREFIX or path.startswith(_API_PREFIX + "/"):
                 self._api(path[len(_API_PREFIX) :], query)
             else:
@@ -279,8 +302,9 @@ class _Handler(BaseHTTPRequestHandler):
         self, name: str, args: dict[str, str], query: dict[str, list[str]], raw: bytes
     ) -> tuple[int, dict[str, Any]]:
         api = self.server.sandbox.api
+        uploads = self.server.sandbox.uploads
         body: Any = None
-        if self.command == "POST":
+        if self.command in ("POST", "DELETE"):
             try:
                 body = json.loads(raw or b"null")
             except ValueError:
@@ -290,13 +314,20 @@ class _Handler(BaseHTTPRequestHandler):
         calls: dict[str, Callable[[], tuple[int, dict[str, Any]]]] = {
             "generate": lambda: api.generate(unquote(args.get("model_id", "")), body, dry_run),
             "caption": lambda: api.caption(body, dry_run),
+            "inference": lambda: api.generate_inference(args["inference_type"], body, dry_run, cdn),
             "list_jobs": lambda: api.list_jobs(query),
             "get_job": lambda: api.get_job(args["job_id"]),
             "cancel_job": lambda: api.cancel_job(args["job_id"], body),
-            "upload": lambda: api.upload(body, cdn),
-            "get_bulk": lambda: api.get_bulk(body, cdn),
-            "get_asset": lambda: api.get_asset(args["asset_id"], cdn),
+            "upload": lambda: api.assets.upload(body, cdn),
+            "delete_assets": lambda: api.assets.delete(body),
+            "get_bulk": lambda: api.assets.get_bulk(body, cdn),
+            "get_asset": lambda: api.assets.get_asset(args["asset_id"], cdn),
             "get_model": lambda: api.get_model(args["model_id"]),
+            "create_upload": lambda: uploads.create(body, cdn),
+            "get_upload": lambda: uploads.retrieve(args["upload_id"], cdn),
+            "upload_action": lambda: uploads.action(args["upload_id"], body, cdn),
+            "list_teams": api.list_teams,
+            "team_limits": lambda: api.team_limits(args["team_id"]),
         }
         return calls[name]()
 
@@ -317,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
         if sandbox.api.check_signature(asset_id, expires, signature) is not None:
             self._send(403, _CLOUDFRONT_DENIED, "text/xml")
             return
-        asset = store.assets.get(asset_id)
+        asset = store.find_asset(asset_id)
         if asset is None:
             self._send(404, _CLOUDFRONT_MISSING, "text/xml")
             return
@@ -356,6 +387,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data[half:])
         with store.lock:
             store.stats.cdn_downloads += 1
+
+    # --- presigned part uploads (S3-like: no Basic auth, XML errors) -------------------------
+    def _upload_part(self, path: str, query: dict[str, list[str]]) -> None:
+        store = self.server.sandbox.store
+        with store.lock:
+            store.stats.requests[f"{self.command} {PART_PATH}{{uploadId}}/{{partNumber}}"] += 1
+        data = self._read_body(MAX_PART_BYTES)
+        if data is None:
+            return
+        match = _PART_PATH.match(path)
+        if match is None or self.command != "PUT":
+            self._send(404, _CLOUDFRONT_MISSING, "text/xml")
+            return
+        status, code, etag = self.server.sandbox.uploads.put_part(
+            match["upload_id"], match["number"], query, data
+        )
+        if code is not None:
+            body = (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                f"<Message>{code}</Message></Error>"
+            ).encode()
+            self._send(status, body, "application/xml")
+            return
+        self._send(200, b"", "application/xml", {"ETag": etag or ""})
 
     # --- control routes (never faulted, no auth) --------------------------------------------
     def _control(self, path: str) -> None:
@@ -398,6 +453,7 @@ class Sandbox:
     ) -> None:
         self.store = Store(config or SandboxConfig(), clock)
         self.api = Api(self.store)
+        self.uploads = Uploads(self.store, self.api.assets)
         self.host = host
         self.port = port
         self.verbose = verbose

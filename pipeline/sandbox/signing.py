@@ -9,7 +9,8 @@ from urllib.parse import urlencode
 KEY_PAIR_ID = "K2SANDBOXSANDBOX"
 
 
-def _signature(key: bytes, asset_id: str, expires: int) -> str:
+def signature(key: bytes, asset_id: str, expires: int) -> str:
+    """The hex HMAC that signs a link to `asset_id` (or any subject) until `expires`."""
     return hmac.new(key, f"{asset_id}:{expires}".encode(), hashlib.sha256).hexdigest()
 
 
@@ -18,20 +19,20 @@ def signed_url(key: bytes, cdn_base: str, asset_id: str, ext: str, expires: int)
     query = urlencode(
         {
             "Expires": expires,
-            "Signature": _signature(key, asset_id, expires),
+            "Signature": signature(key, asset_id, expires),
             "Key-Pair-Id": KEY_PAIR_ID,
         }
     )
     return f"{cdn_base}/cdn/{asset_id}.{ext}?{query}"
 
 
-def refusal(key: bytes, asset_id: str, expires: str, signature: str, now: float) -> str | None:
+def refusal(key: bytes, asset_id: str, expires: str, given: str, now: float) -> str | None:
     """None if the link is valid at `now`, else why not: "tampered" or "expired"."""
     try:
         expires_at = int(expires)
     except ValueError:
         return "tampered"
-    if not hmac.compare_digest(_signature(key, asset_id, expires_at), signature):
+    if not hmac.compare_digest(signature(key, asset_id, expires_at), given):
         return "tampered"
     if now > expires_at:
         return "expired"

@@ -76,6 +76,13 @@ class Job:
     canceled_at: float | None = None
     asset_ids: list[str] | None = None
     output: dict[str, Any] | None = None
+    # Output assets announced before the job ends (the remove-background answer's `asset`).
+    reserved_asset_ids: list[str] = field(default_factory=list)
+
+    @property
+    def pool(self) -> str:
+        """Which parallel-jobs cap the job counts against: "custom" or "inference"."""
+        return "custom" if self.job_type == "custom" else "inference"
 
     def timeline(self) -> list[tuple[str, float]]:
         """(status, time) for every status reached so far or scheduled."""
@@ -134,6 +141,8 @@ class Asset:
     parent_id: str | None = None
     sha256: str | None = None
     size: int | None = None
+    meta_type: str | None = None  # metadata.type when it differs from `source`
+    deleted: bool = False
 
 
 @dataclass
@@ -144,9 +153,13 @@ class Stats:
     submissions: Counter[str] = field(default_factory=Counter)
     duplicate_submissions: int = 0
     jobs_created: int = 0
+    jobs_by_type: Counter[str] = field(default_factory=Counter)
+    jobs_by_model: Counter[str] = field(default_factory=Counter)
     responses_429: Counter[str] = field(default_factory=lambda: Counter(rate=0, parallel=0))
     faults: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(FAULT_KINDS, 0)))
     uploads: int = 0
+    upload_parts: int = 0
+    assets_deleted: int = 0
     cdn_downloads: int = 0
     creative_units: float = 0.0
 
@@ -172,6 +185,7 @@ class Store:
             self.assets: dict[str, Asset] = {}
             self.by_key: dict[str, list[Job]] = {}
             self.active: set[str] = set()
+            self.uploads: dict[str, Any] = {}
             self.stats = Stats()
             self.cache: OrderedDict[str, bytes] = OrderedDict()
             self.cache_bytes = 0
@@ -223,14 +237,16 @@ class Store:
             self.stats.responses_429["rate"] += 1
             return (1.0 - self.tokens) / rate
 
-    def running_jobs(self) -> int:
-        """How many jobs are not in a terminal status now."""
+    def running_jobs(self, pool: str | None = None) -> int:
+        """How many jobs (of one pool: "custom" or "inference") are not terminal now."""
         with self.lock:
             now = self.clock()
             for job_id in list(self.active):
                 if self.jobs[job_id].status(now) in TERMINAL:
                     self.active.discard(job_id)
-            return len(self.active)
+            if pool is None:
+                return len(self.active)
+            return sum(1 for job_id in self.active if self.jobs[job_id].pool == pool)
 
     # --- jobs ---------------------------------------------------------------------------
     def add_job(self, job: Job) -> None:
@@ -245,6 +261,8 @@ class Store:
             self.active.add(job.job_id)
             self.stats.submissions[job.key] += 1
             self.stats.jobs_created += 1
+            self.stats.jobs_by_type[job.job_type] += 1
+            self.stats.jobs_by_model[job.model_id] += 1
             self.stats.creative_units += job.cost
 
     def next_seq(self) -> int:
@@ -253,12 +271,13 @@ class Store:
             self.seq += 1
             return self.seq
 
-    def job_duration(self) -> float:
-        """A job's duration: latency plus a uniform offset within +-latency_spread seconds."""
+    def job_duration(self, *keys: str) -> float:
+        """A job's duration: the latency of the first of `keys` (model id, jobType) in
+        model_latency, else `latency`, plus a uniform offset within +-latency_spread."""
         cfg = self.config
         with self.lock:
             offset = self.rng.uniform(-cfg.latency_spread, cfg.latency_spread)
-        return max(0.0, cfg.latency + offset)
+        return max(0.0, cfg.latency_for(*keys) + offset)
 
     def cancel(self, job: Job) -> bool:
         """Cancel a running job where it stands; False if it had already finished."""
@@ -271,6 +290,11 @@ class Store:
             return True
 
     # --- assets -------------------------------------------------------------------------
+    def find_asset(self, asset_id: str) -> Asset | None:
+        """The asset, unless it is unknown or deleted."""
+        asset = self.assets.get(asset_id)
+        return None if asset is None or asset.deleted else asset
+
     def add_asset(self, asset: Asset, data: bytes | None = None) -> None:
         """Register an asset (uploaded bytes are cached for good)."""
         with self.lock:
@@ -311,11 +335,15 @@ class Store:
                 "submissions": dict(s.submissions),
                 "duplicate_submissions": s.duplicate_submissions,
                 "jobs_created": s.jobs_created,
+                "jobs_by_type": dict(s.jobs_by_type),
+                "jobs_by_model": dict(s.jobs_by_model),
                 "jobs": dict(jobs),
                 "images": {a.asset_id: a.sha256 for a in produced},
                 "responses_429": dict(s.responses_429),
                 "faults": dict(s.faults),
                 "uploads": s.uploads,
+                "upload_parts": s.upload_parts,
+                "assets_deleted": s.assets_deleted,
                 "cdn_downloads": s.cdn_downloads,
                 "creative_units": s.creative_units,
                 "config": self.config.public_dict(),

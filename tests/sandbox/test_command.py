@@ -90,3 +90,51 @@ def test_default_credentials_are_sandbox_sandbox_and_sigterm_stops_cleanly() -> 
     finally:
         proc.send_signal(signal.SIGTERM)  # what `docker stop` sends
         assert proc.wait(timeout=10) == 0
+
+
+def test_model_types_latencies_and_limits_access_flags() -> None:
+    proc, url = serve(
+        "--model-type",
+        "model_style=flux.1-lora",
+        "--model-latency",
+        "upscale=0.25",
+        "--model-latency",
+        "model_slow=9",
+        "--limits-access",
+    )
+    try:
+        auth = ("sandbox", "sandbox")
+        model = httpx.get(f"{url}/models/model_style", auth=auth).json()["model"]
+        assert model["type"] == "flux.1-lora"
+        demo = httpx.get(f"{url}/models/model_sandbox-sdxl-lora", auth=auth).json()["model"]
+        assert demo["type"] == "sd-xl-lora"  # the demo models stay
+        config = httpx.get(url.removesuffix("/v1") + "/_sandbox/config").json()
+        assert config["model_latency"] == {"upscale": 0.25, "model_slow": 9.0}
+        assert config["limits_access"] is True
+        team = httpx.get(f"{url}/teams", auth=auth).json()["teams"][0]["id"]
+        assert httpx.get(f"{url}/teams/{team}/limits", auth=auth).status_code == 200
+    finally:
+        assert stop(proc) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--model-type", "model_x"),
+        ("--model-type", "model_x=sd-3"),
+        ("--model-latency", "upscale=soon"),
+        ("--model-latency", "upscale=inf"),
+    ],
+)
+def test_bad_model_flags_are_usage_errors_without_a_traceback(args: tuple[str, str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("SCENARIO_API_KEY",)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr and ("model" in done.stderr or "ID=" in done.stderr)

@@ -21,6 +21,11 @@ from scenario_sdk.types import (
     JobRetrieveResponse,
     JobTriggerActionResponse,
     ModelRetrieveResponse,
+    TeamListResponse,
+    TeamRetrieveLimitsResponse,
+    UploadCreateResponse,
+    UploadRetrieveResponse,
+    UploadTriggerActionResponse,
 )
 from scenario_sdk.types.job_list_response import JobListResponse
 
@@ -216,3 +221,104 @@ def test_list_jobs_filters(make_sandbox: Any, make_client: Any, make_kit: Any) -
         client.jobs.list(updated_after=mark)
     with pytest.raises(scenario_sdk.BadRequestError, match="pageSize"):
         client.jobs.list(page_size=101)
+
+
+LORA = "model_sandbox-sdxl-lora"
+
+
+def test_team_limits_through_the_sdk(make_sandbox: Any, make_client: Any) -> None:
+    sb = make_sandbox(parallel_jobs=6)
+    client = make_client(sb)
+    teams = raw(client.with_raw_response.teams.list())
+    TeamListResponse.model_validate(teams, strict=True)
+    team_id = teams["teams"][0]["id"]
+    # Jobs carry the same id as their ownerId, so a client can learn it from any job too.
+    job = client.generate.run_model(MODEL, body={"prompt": "x", "width": 64, "height": 64}).job
+    assert job.owner_id == team_id
+    with pytest.raises(scenario_sdk.PermissionDeniedError):
+        client.teams.retrieve_limits(team_id)  # the default: the key may not read it
+    sb.configure(limits_access=True)
+    doc = raw(client.with_raw_response.teams.retrieve_limits(team_id))
+    TeamRetrieveLimitsResponse.model_validate(doc, strict=True)
+    limits = client.teams.retrieve_limits(team_id).limits
+    assert (limits.parallel_custom_jobs, limits.parallel_inferences) == (6, 6)
+    sb.configure(parallel_jobs=2)
+    assert client.teams.retrieve_limits(team_id).limits.parallel_custom_jobs == 2
+    with pytest.raises(scenario_sdk.NotFoundError):
+        client.teams.retrieve_limits("team_someoneElse")
+
+
+def test_model_types_inference_jobs_and_uploads_validate_strictly(
+    client: Scenario, sandbox: Sandbox
+) -> None:
+    r = client.with_raw_response
+    flux = raw(r.models.retrieve("model_sandbox-flux1-lora"))
+    ModelRetrieveResponse.model_validate(flux, strict=True)
+    assert flux["model"]["type"] == "flux.1-lora"
+    # scenario-sdk 2.4.0's model `type` enum no longer lists the SD1.5/SDXL types that the
+    # Swagger export does (test_swagger checks those against the Swagger); the SDK's default,
+    # non-strict client reads them as they are.
+    with Scenario(api_key="sandbox", api_secret="sandbox", base_url=sandbox.url) as lenient:
+        assert lenient.models.retrieve(LORA).model.type == "sd-xl-lora"
+    # The SDK has no method for /generate/txt2img; its job models read the jobs it creates.
+    kit_http = httpx.Client(base_url=sandbox.url, auth=("sandbox", "sandbox"))
+    created = kit_http.post(
+        "/generate/txt2img",
+        json={"modelId": LORA, "prompt": "a gem", "numSamples": 2, "width": 64, "height": 64},
+    ).json()
+    kit_http.close()
+    job_id = created["job"]["jobId"]
+    wait(client, job_id)
+    JobRetrieveResponse.model_validate(raw(r.jobs.retrieve(job_id)), strict=True)
+    listed = list(client.jobs.list(types=["inference"]))
+    assert [j.job_id for j in listed] == [job_id] and listed[0].job_type == "inference"
+    assert list(client.jobs.list(types=["custom"])) == []
+    out = client.jobs.retrieve(job_id).job.metadata.asset_ids or []
+    AssetRetrieveResponse.model_validate(raw(r.assets.retrieve(out[0])), strict=True)
+    # A large file's way in: /uploads, then the asset id it produced.
+    data = base64.b64decode(png_data_url((64, 48)).partition(",")[2])
+    created_upload = raw(
+        r.uploads.create(
+            file_name="big.png",
+            file_size=len(data),
+            content_type="image/png",
+            kind="image",
+            parts=1,
+        )
+    )
+    UploadCreateResponse.model_validate(created_upload, strict=True)
+    upload_id = created_upload["upload"]["id"]
+    httpx.put(created_upload["upload"]["parts"][0]["url"], content=data).raise_for_status()
+    completed = raw(r.uploads.trigger_action(upload_id, action="complete"))
+    UploadTriggerActionResponse.model_validate(completed, strict=True)
+    deadline = time.monotonic() + 5
+    while (upload := client.uploads.retrieve(upload_id).upload).status != "imported":
+        assert upload.status == "validating" and time.monotonic() < deadline
+        time.sleep(0.03)
+    UploadRetrieveResponse.model_validate(raw(r.uploads.retrieve(upload_id)), strict=True)
+    assert upload.entity_id is not None
+    asset = client.assets.retrieve(upload.entity_id).asset
+    assert (asset.properties.width, asset.properties.height) == (64, 48)
+    client.assets.delete_multiple(asset_ids=[upload.entity_id])
+    with pytest.raises(scenario_sdk.NotFoundError):
+        client.assets.retrieve(upload.entity_id)
+    with pytest.raises(scenario_sdk.NotFoundError, match=upload.entity_id):
+        client.generate.run_model("model_upscale-v3", body={"image": upload.entity_id})
+    with pytest.raises(scenario_sdk.BadRequestError, match="not available yet"):
+        client.generate.run_model(LORA, body={"prompt": "x"})
+
+
+def test_a_chain_of_tools_through_the_sdk(client: Scenario) -> None:
+    first = client.generate.run_model(
+        MODEL, body={"prompt": "a shield", "width": 64, "height": 64, "seed": 3}
+    ).job
+    (generated,) = wait(client, first.job_id).metadata.asset_ids
+    cut = client.generate.run_model(
+        "model_photoroom-background-removal", body={"image": generated}
+    ).job
+    (cut_id,) = wait(client, cut.job_id).metadata.asset_ids
+    up = client.generate.run_model("model_upscale-v3", body={"image": cut_id, "upscaleFactor": 2})
+    (big,) = wait(client, up.job.job_id).metadata.asset_ids
+    image = Image.open(io.BytesIO(httpx.get(client.assets.retrieve(big).asset.url).content))
+    assert image.size == (128, 128) and image.mode == "RGBA"
+    assert up.job.billing is not None and up.creative_units_cost == 4

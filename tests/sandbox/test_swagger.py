@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scenario_sdk.types.job_retrieve_response import JobMetadata
 
-from pipeline.sandbox.server import ROUTES
+from pipeline.sandbox.server import ROUTES, SDK_ONLY_ROUTES
 
 # Fields the SDK (generated from a newer spec than this Swagger export) declares and the
 # sandbox sends: job billing, the cost breakdown, a failed job's error and hint.
@@ -70,20 +70,47 @@ def response_schema(swagger: dict[str, Any], template: str, method: str) -> dict
     return dict(swagger["paths"][template][method.lower()]["responses"]["200"]["schema"])
 
 
+SWAGGER_ROUTES = [route for route in ROUTES if route[2] not in SDK_ONLY_ROUTES]
+
+
 def test_every_implemented_route_exists_in_the_swagger(swagger: dict[str, Any]) -> None:
     assert swagger["basePath"] == "/v1"
     missing = [
         f"{method} {template}"
-        for method, _, template, _ in ROUTES
+        for method, _, template, _ in SWAGGER_ROUTES
         if method.lower() not in swagger["paths"].get(template, {})
     ]
     assert missing == []
+    # The others are the SDK's (checked against its models in test_sdk.py), not invented.
+    assert all(template not in swagger["paths"] for template in SDK_ONLY_ROUTES)
 
 
-def _png_data_url() -> str:
+def _png(size: tuple[int, int] = (16, 16), colour: str = "orange") -> bytes:
     out = io.BytesIO()
-    Image.new("RGB", (16, 16), "orange").save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _png_data_url(size: tuple[int, int] = (16, 16), colour: str = "orange") -> str:
+    return "data:image/png;base64," + base64.b64encode(_png(size, colour)).decode()
+
+
+LORA = "model_sandbox-sdxl-lora"
+
+
+def _inference_bodies(image_id: str, mask_id: str) -> dict[str, dict[str, Any]]:
+    """One valid body per /generate/{inferenceType} the sandbox implements."""
+    base = {"modelId": LORA, "prompt": "a lamp", "width": 64, "height": 64, "numSamples": 1}
+    return {
+        "txt2img": {**base, "seed": "42"},
+        "img2img": {**base, "image": image_id, "strength": 0.5},
+        "controlnet": {**base, "image": image_id, "modality": "canny"},
+        "inpaint": {**base, "image": image_id, "mask": mask_id},
+        "txt2img-ip-adapter": {**base, "ipAdapterImageIds": [image_id]},
+        "img2img-ip-adapter": {**base, "image": image_id, "ipAdapterImages": [_png_data_url()]},
+        "remove-background": {"image": image_id},
+        "upscale": {"image": image_id, "scalingFactor": 2},
+    }
 
 
 @pytest.fixture
@@ -108,6 +135,10 @@ def answers(kit: Any) -> dict[str, Any]:
         "/assets/get-bulk", json={"assetIds": [asset_id, upload["asset"]["id"]]}
     ).json()
     out["GET /models/{modelId}"] = http.get(f"/models/{model}").json()
+    out["typed models"] = {
+        m: http.get(f"/models/{m}").json()
+        for m in (LORA, "model_sandbox-flux1-lora", "model_sandbox-sd15-lora")
+    }
     out["POST /generate/caption"] = http.post(
         "/generate/caption", json={"images": [asset_id]}
     ).json()
@@ -119,18 +150,50 @@ def answers(kit: Any) -> dict[str, Any]:
     out["POST /jobs/{jobId}/action"] = http.post(
         f"/jobs/{running}/action", json={"action": "cancel"}
     ).json()
+    image_id = upload["asset"]["id"]
+    mask_id = http.post("/assets", json={"image": _png_data_url(colour="white"), "name": "m.png"})
+    for name, body in _inference_bodies(image_id, mask_id.json()["asset"]["id"]).items():
+        resp = http.post(f"/generate/{name}", json=body)
+        assert resp.status_code == 200, (name, resp.text)
+        out[f"POST /generate/{name}"] = resp.json()
+    out["DELETE /assets"] = http.request(
+        "DELETE", "/assets", json={"assetIds": [mask_id.json()["asset"]["id"]]}
+    ).json()
+    data = _png((40, 40))
+    created = http.post(
+        "/uploads",
+        json={
+            "fileName": "big.png",
+            "fileSize": len(data),
+            "contentType": "image/png",
+            "kind": "image",
+            "parts": 2,
+        },
+    ).json()
+    out["POST /uploads"] = created
+    upload_id = created["upload"]["id"]
+    half = len(data) // 2
+    for part, chunk in zip(created["upload"]["parts"], (data[:half], data[half:]), strict=True):
+        kit.cdn.put(part["url"], content=chunk).raise_for_status()
+    out["POST /uploads/{uploadId}/action"] = http.post(
+        f"/uploads/{upload_id}/action", json={"action": "complete"}
+    ).json()
+    out["GET /uploads/{uploadId}"] = http.get(f"/uploads/{upload_id}").json()
     return out
 
 
 def test_every_answer_fits_its_swagger_schema(swagger: dict[str, Any], answers: Any) -> None:
     problems = []
-    for method, _, template, _ in ROUTES:
+    for method, _, template, _ in SWAGGER_ROUTES:
         schema = response_schema(swagger, template, method)
         problems += conform(
             swagger, schema, answers[f"{method} {template}"], f"{method} {template}"
         )
     failed = response_schema(swagger, "/jobs/{jobId}", "GET")
     problems += conform(swagger, failed, answers["GET /jobs/{jobId} (failed)"], "failed job")
+    model_schema = response_schema(swagger, "/models/{modelId}", "GET")
+    for model_id, doc in answers["typed models"].items():
+        problems += conform(swagger, model_schema, doc, model_id)
     assert problems == []
 
 
@@ -166,3 +229,26 @@ def test_dry_run_answer_fits_the_dry_run_schema(swagger: dict[str, Any], kit: An
     assert conform(swagger, {"$ref": "#/definitions/DryRunResponse"}, resp.json(), "269") == []
     caption = swagger["paths"]["/generate/caption"]["post"]["responses"]
     assert "269" in caption  # the Swagger documents 269 for dry runs
+
+
+def test_inference_bodies_use_the_swagger_request_fields(swagger: dict[str, Any]) -> None:
+    """The bodies the tests send (and the sandbox reads) are the Swagger's request shapes."""
+    for name, body in _inference_bodies("asset_x", "asset_y").items():
+        request = swagger["paths"][f"/generate/{name}"]["post"]["parameters"]
+        schema = resolve(swagger, next(p for p in request if p["in"] == "body")["schema"])
+        assert set(schema.get("required", [])) <= set(body), name
+        assert set(body) <= set(schema["properties"]), (name, set(body) - set(schema["properties"]))
+        assert "numOutputs" not in schema["properties"], name
+
+
+def test_inference_dry_runs_answer_269_per_the_swagger(swagger: dict[str, Any], kit: Any) -> None:
+    image_id = kit.http.post("/assets", json={"image": _png_data_url(), "name": "i.png"})
+    image = image_id.json()["asset"]["id"]
+    for name, body in _inference_bodies(image, image).items():
+        resp = kit.http.post(f"/generate/{name}", params={"dryRun": "true"}, json=body)
+        assert resp.status_code == 269, (name, resp.text)
+        assert "269" in swagger["paths"][f"/generate/{name}"]["post"]["responses"]
+        schema = {"$ref": "#/definitions/DryRunResponse"}
+        assert conform(swagger, schema, resp.json(), name) == []
+        assert resp.json()["creativeUnitsCost"] > 0
+    assert kit.stats()["jobs_created"] == 0
