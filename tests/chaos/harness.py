@@ -261,13 +261,6 @@ class Cluster:
         )
 
 
-def _jobs_by_model(cluster: Cluster) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for job in cluster.sandbox.api.store.jobs.values():
-        counts[job.model_id] = counts.get(job.model_id, 0) + 1
-    return counts
-
-
 def audit(cluster: Cluster, doc: dict[str, Any]) -> dict[str, Any]:
     """Check a finished chaos run; returns figures (raises AssertionError on a problem)."""
     stats = cluster.sandbox.stats()
@@ -291,7 +284,7 @@ def audit(cluster: Cluster, doc: dict[str, Any]) -> dict[str, Any]:
         "objects": len(in_bucket),
         "duplicate_submissions": stats["duplicate_submissions"],
         "jobs_created": stats["jobs_created"],
-        "jobs_by_model": _jobs_by_model(cluster),
+        "jobs_by_model": stats["jobs_by_model"],
         "jobs": stats["jobs"],
         "faults": stats["faults"],
         "responses_429": stats["responses_429"],

@@ -402,10 +402,7 @@ def test_transient_database_errors_delay_items_but_lose_none(
 
 
 def _generate_calls_by_model(sandbox: Sandbox) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for job in sandbox.api.store.jobs.values():
-        counts[job.model_id] = counts.get(job.model_id, 0) + 1
-    return counts
+    return dict(sandbox.stats()["jobs_by_model"])
 
 
 def test_a_recipe_runs_each_step_on_every_output_of_the_step_before(
