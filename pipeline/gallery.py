@@ -27,6 +27,19 @@ def image_src(output: dict[str, Any], page: Path) -> str | None:
     return None
 
 
+def _chain(steps: list[dict[str, Any]]) -> str:
+    """The steps that made an output, generation first, as a caption."""
+    if len(steps) < 2:
+        return ""
+    parts = []
+    for step in steps:
+        name = html.escape(str(step["model"]).removeprefix("model_"))
+        job = html.escape(str(step.get("job_id") or ""))
+        reused = " reused" if step.get("reused") else ""
+        parts.append(f'<span class="step{reused}" title="job {job}">{name}</span>')
+    return f'<figcaption>{" → ".join(parts)}</figcaption>'
+
+
 def render(report: dict[str, Any], page: Path) -> str:
     """The HTML document for a run report (as built by Repository.run_report)."""
     esc = html.escape
@@ -38,12 +51,13 @@ def render(report: dict[str, Any], page: Path) -> str:
             src = image_src(out, page)
             title = f"{out['uri']}\nsha256 {out['sha256']}\nasset {out['asset_id']}"
             if src:
-                thumbs.append(
+                image = (
                     f'<a href="{esc(src)}"><img loading="lazy" src="{esc(src)}" '
                     f'title="{esc(title)}" alt="{esc(item["id"])} #{out["index"]}"></a>'
                 )
             else:
-                thumbs.append(f'<div class="noimg" title="{esc(title)}">{esc(out["uri"])}</div>')
+                image = f'<div class="noimg" title="{esc(title)}">{esc(out["uri"])}</div>'
+            thumbs.append(f"<figure>{image}{_chain(out.get('chain') or [])}</figure>")
         error = f'<p class="err">{esc(item["error"])}</p>' if item.get("error") else ""
         hint = f'<p class="hint">{esc(item["hint"])}</p>' if item.get("hint") else ""
         cards.append(
@@ -73,6 +87,8 @@ h1{{font-size:20px;margin:0}} .sum{{color:#555;margin:4px 0 20px}}
 .thumbs img{{width:120px;height:120px;object-fit:contain;background:
 repeating-conic-gradient(#eee 0 25%,#fff 0 50%) 0 0/16px 16px;border-radius:4px}}
 .noimg{{font-size:11px;color:#777;word-break:break-all}}
+figure{{margin:0;width:120px}} figcaption{{font-size:10px;color:#555;line-height:1.3}}
+.step.reused{{color:#999}} .step.reused::after{{content:" (reused)"}}
 .prompt{{margin:4px 0}} .meta{{color:#777;font-size:12px;margin:0}}
 .err{{color:#c62828;margin:4px 0 0}} .hint{{color:#ef6c00;margin:2px 0 0}}
 </style></head><body>

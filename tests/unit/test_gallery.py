@@ -74,3 +74,18 @@ def test_gallery_escapes_prompts_and_shows_errors_with_hints(tmp_path: Path) -> 
     assert "a &lt;sword&gt;" in text and "<sword>" not in text
     assert "NSFW content detected" in text and "rephrase the prompt" in text
     assert "1 succeeded" in text and "1 failed" in text
+
+
+def test_each_recipe_output_shows_the_chain_that_made_it(tmp_path: Path) -> None:
+    doc = report(tmp_path)
+    doc["items"][0]["outputs"][0]["chain"] = [
+        {"step": 0, "model": "model_flux<x>", "job_id": "job_g", "reused": True},
+        {"step": 1, "model": "model_photoroom-background-removal", "job_id": "job_b"},
+        {"step": 2, "model": "model_upscale-v3", "job_id": "job_u", "reused": False},
+    ]
+    page = gallery.render(doc, tmp_path / "runs" / "run_1.html")
+    caption = page.split("<figcaption>")[1].split("</figcaption>")[0]
+    assert caption.count("→") == 2
+    assert "flux&lt;x&gt;" in caption and 'class="step reused" title="job job_g"' in caption
+    assert "photoroom-background-removal" in caption and "upscale-v3" in caption
+    assert page.count("<figcaption>") == 1  # a one-step output needs no chain
