@@ -64,3 +64,100 @@ def test_alembic_command_line_upgrade_and_check(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
     assert "No new upgrade operations detected" in done.stdout + done.stderr
+
+
+def test_upgrade_moves_recorded_items_into_nodes_and_loses_nothing(database_url: str) -> None:
+    """A lineage database written before recipes existed keeps every run, job and file."""
+    from alembic import command as alembic_command
+    from sqlalchemy import text
+
+    from pipeline import reports
+    from pipeline.repository import Repository
+
+    alembic_command.upgrade(db.alembic_config(database_url), "0001")
+    engine = db.make_engine(database_url)
+    now = "2026-11-20 03:00:00+00:00"
+    item_columns = (
+        "(id, run_id, manifest_item_id, line, item_key, prompt, seed, model, trained_model, "
+        "params, body, num_outputs, output_template, status, attempts, max_attempts, "
+        "dispatches, error, hint, created_at, updated_at, finished_at)"
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO manifests (id, name, path, sha256, body, created_at) "
+                f"VALUES (1, 'icons', '/m.yaml', '{'0' * 64}', 'name: icons', '{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO runs (id, manifest_id, trigger, status, force, sandbox, storage_url, "
+                f"created_at) VALUES ('run_old', 1, 'run', 'running', false, false, 'file://a', "
+                f"'{now}')"
+            )
+        )
+        for n, status in ((1, "succeeded"), (2, "running"), (3, "skipped")):
+            conn.execute(
+                text(
+                    f"INSERT INTO items {item_columns} VALUES ({n}, 'run_old', 'item-{n}', {n}, "
+                    f"'key{n}', 'p', 7, 'model_x', NULL, '{{}}', '{{\"prompt\": \"p\"}}', 1, "
+                    f"'{{manifest}}/{{item}}/{{index}}.{{ext}}', '{status}', 1, 2, 1, NULL, NULL, "
+                    f"'{now}', '{now}', NULL)"
+                )
+            )
+        job_columns = (
+            "(id, item_id, attempt, scenario_job_id, model, state, progress, asset_ids, polls, "
+            "intent_at, accepted_at)"
+        )
+        conn.execute(
+            text(
+                f"INSERT INTO jobs {job_columns} VALUES (1, 1, 1, 'job_done', 'model_x', "
+                f"'success', 1.0, '{{\"ids\": [\"asset_1\"]}}', 2, '{now}', '{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                f"INSERT INTO jobs {job_columns} VALUES (2, 2, 1, 'job_busy', 'model_x', "
+                f"'in-progress', 0.5, NULL, 1, '{now}', '{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO assets (id, scenario_asset_id, role, job_id, output_index, "
+                f"created_at) VALUES (1, 'asset_1', 'output', 1, 0, '{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO objects (id, item_id, asset_id, output_index, uri, key, sha256, "
+                "bytes, content_type, created_at) VALUES (1, 1, 1, 0, "
+                f"'file://a/icons/item-1/0.png', 'icons/item-1/0.png', '{'ab' * 32}', 9, "
+                f"'image/png', '{now}')"
+            )
+        )
+    db.upgrade(database_url)
+    try:
+        with engine.connect() as conn:
+            nodes = conn.execute(
+                text("SELECT id, item_id, state, node_key, outputs FROM nodes ORDER BY id")
+            ).all()
+            jobs = conn.execute(text("SELECT node_id, status FROM jobs ORDER BY id")).all()
+            objects = conn.execute(text("SELECT node_id, final FROM objects")).all()
+            items = conn.execute(text("SELECT id, status FROM items ORDER BY id")).all()
+        assert [(n[0], n[1], n[2], n[3]) for n in nodes] == [
+            (1, 1, "succeeded", "key1"),
+            (2, 2, "running", "key2"),
+        ]
+        assert [tuple(j) for j in jobs] == [(1, "success"), (2, "in-progress")]
+        assert [tuple(o) for o in objects] == [(1, True)]
+        assert [tuple(i) for i in items] == [(1, "succeeded"), (2, "running"), (3, "skipped")]
+        repo = Repository(engine)
+        report = reports.run_report(repo, "run_old")
+        assert report is not None
+        assert report["items"][0]["outputs"][0]["asset_id"] == "asset_1"
+        assert report["items"][0]["jobs"] == ["job_done"]
+        # New nodes get fresh ids after the migrated ones (PostgreSQL's sequence moved on).
+        repo.reopen_items("run_old", None, 1)
+        assert [j.scenario_job_id for j in repo.in_flight_jobs()] == ["job_busy"]
+    finally:
+        engine.dispose()
