@@ -989,6 +989,15 @@ class Repository:
                 open_intent_at=intent.intent_at if intent else None,
             )
 
+    def note_error(self, node_id: int, error: str) -> None:
+        """Record why a task on an unfinished node went wrong, without moving it."""
+        with self._tx() as s:
+            s.execute(
+                update(NodeRow)
+                .where(NodeRow.id == node_id, NodeRow.state.in_(list(nodes.UNFINISHED_STATES)))
+                .values(error=nodes.cut(error), updated_at=self.now())
+            )
+
     def last_error(self, node_id: int) -> str | None:
         """The newest error recorded for a node or its jobs (a failure's real cause)."""
         with self._tx() as s:

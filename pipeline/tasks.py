@@ -24,7 +24,12 @@ def submit(node_id: int) -> str:
         return stages.submit_node(runtime.context(), node_id)
     except TransientError as exc:
         logger.warning("submit of node %s deferred: %s", node_id, exc)
+        _note(node_id, exc)
         return "deferred"
+    except Exception as exc:
+        logger.exception("submit of node %s failed unexpectedly", node_id)
+        _note(node_id, exc)
+        return "error"
 
 
 @app.task(name="pipeline.collect")
@@ -34,7 +39,22 @@ def collect(node_ids: Sequence[int]) -> dict[int, str]:
         return stages.collect_nodes(runtime.context(), list(node_ids))
     except TransientError as exc:
         logger.warning("collect of nodes %s deferred: %s", list(node_ids), exc)
+        for node_id in node_ids:
+            _note(node_id, exc)
         return {}
+    except Exception as exc:
+        logger.exception("collect of nodes %s failed unexpectedly", list(node_ids))
+        for node_id in node_ids:
+            _note(node_id, exc)
+        return {}
+
+
+def _note(node_id: int, exc: BaseException) -> None:
+    """Keep the cause on the node: if it keeps happening, the node fails with it."""
+    try:
+        runtime.context().repo.note_error(node_id, f"{type(exc).__name__}: {exc}")
+    except Exception:  # the database itself is failing; the claim expires all the same
+        logger.warning("could not record the error of node %s", node_id)
 
 
 @app.task(name="pipeline.sweep")

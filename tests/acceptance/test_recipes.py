@@ -6,6 +6,7 @@ The real `pipeline` command in a subprocess against one sandbox, whose stats pro
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def test_transparent_icons_recipe_then_a_rerun_pays_only_for_the_changed_upscale
     assert chain[1]["input_asset"] == chain[0]["output_asset"]  # parent -> child by asset id
     assert chain[2]["input_asset"] == chain[1]["output_asset"]
     assert as_json["asset"]["parent"] == chain[1]["output_asset"]
+    # The file explains itself too: its sidecar names the asset it was made from.
+    key = as_json["object"]["key"]
+    sidecar = json.loads((tmp_path / "assets" / ".meta" / f"{key}.json").read_text())
+    assert sidecar["metadata"]["parent-asset-id"] == chain[1]["output_asset"]
+    assert sidecar["metadata"]["step"] == "2"
 
     # Change only the upscale factor: only upscale jobs are submitted, and the new files
     # replace the old ones at the same keys.

@@ -288,6 +288,6 @@ def audit(cluster: Cluster, doc: dict[str, Any]) -> dict[str, Any]:
         "jobs": stats["jobs"],
         "faults": stats["faults"],
         "responses_429": stats["responses_429"],
-        "retries": sum(max(0, i["attempts"] - 1) for i in doc["items"]),
+        "retries": stats["jobs_created"] - sum(i["nodes"] for i in doc["items"]),
         "requests": sum(stats["requests"].values()),
     }
