@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -94,7 +94,7 @@ def test_no_byte_of_a_wrong_body_reaches_the_consumer() -> None:
 
 def test_an_announced_size_over_the_cap_is_refused_before_reading() -> None:
     class Endless(httpx.SyncByteStream):
-        def __iter__(self):  # type: ignore[no-untyped-def]
+        def __iter__(self) -> Iterator[bytes]:
             raise AssertionError("the body must not be read")
 
     client, _, _ = client_for(
@@ -109,7 +109,7 @@ def test_a_body_growing_past_the_cap_is_cut_and_refused() -> None:
         def __init__(self) -> None:
             self.sent = 0
 
-        def __iter__(self):  # type: ignore[no-untyped-def]
+        def __iter__(self) -> Iterator[bytes]:
             yield PNG
             while True:  # endless, as /dev/zero behind a CDN would be
                 self.sent += 1
@@ -123,7 +123,7 @@ def test_a_body_growing_past_the_cap_is_cut_and_refused() -> None:
 
 def test_a_cut_image_body_stays_transient() -> None:
     class Cut(httpx.SyncByteStream):
-        def __iter__(self):  # type: ignore[no-untyped-def]
+        def __iter__(self) -> Iterator[bytes]:
             yield PNG[:50]
             raise httpx.RemoteProtocolError("peer closed")
 
