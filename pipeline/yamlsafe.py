@@ -276,10 +276,13 @@ class _Builder:
         node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
         try:
             return self.loader.construct_object(node, deep=True)
-        except (ValueError, OverflowError, TypeError) as exc:
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # PyYAML's constructors fail in many ways on odd scalars
             name = tag.rsplit(":", 1)[-1]
+            detail = f" ({shorten(str(exc), 80)})" if type(exc) is ValueError and str(exc) else ""
             raise YamlProblem(
-                line, f"invalid {name} {cut(event.value, 60)} ({exc}); quote it if it is text"
+                line, f"invalid {name} {cut(event.value, 60)}{detail}; quote it if it is text"
             ) from None
 
     def alias(self, event: Any) -> None:

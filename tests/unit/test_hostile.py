@@ -222,6 +222,7 @@ CASES = [
         [(4, "<yaml>", "unsupported YAML tag")],
     ),
     Case("bad-binary", sub("prompt: p", "prompt: !!binary abcde"), [(6, "<yaml>", "base64")]),
+    Case("empty-int-tag", sub("seed: 1", 'seed: !!int ""'), [(3, "<yaml>", "invalid int")]),
     Case("bad-date", sub("seed: 1", "seed: 2024-13-45"), [(3, "<yaml>", "invalid timestamp")]),
     Case("merge-as-value", sub("prompt: p", "prompt: <<"), [(6, "<yaml>", "merge key")]),
     Case(
