@@ -185,20 +185,43 @@ class _Builder:
             yaml.MappingEndEvent: self.end,
             yaml.SequenceEndEvent: self.end,
         }
+        scalar_event, document_end = yaml.ScalarEvent, yaml.DocumentEndEvent
+        stack, lines, plain = self.stack, self.out.lines, self.plain
         while True:
             event = get_event()
             kind = type(event)
-            if kind is yaml.ScalarEvent:  # the common case, inlined
-                line = event.start_mark.line + 1
-                self.parsed_nodes += 1
-                value = scalar(event, line)
-                if event.anchor is not None:
-                    self.anchors[event.anchor] = (value, 1)
-                attach(value, line, 1)
-            elif kind is yaml.DocumentEndEvent:
-                break
-            else:
+            if kind is not scalar_event:
+                if kind is document_end:
+                    break
                 handlers[kind](event)
+                continue
+            # Scalars are most events: the common cases are inlined here.
+            line = event.start_mark.line + 1
+            self.parsed_nodes += 1
+            if event.tag is None and not event.implicit[0]:
+                value = event.value  # quoted or block: a string
+            else:
+                value = plain.get(event.value, _NO_KEY) if event.tag is None else _NO_KEY
+                if value is _NO_KEY:
+                    value = scalar(event, line)
+            if event.anchor is not None:
+                self.anchors[event.anchor] = (value, 1)
+            top = stack[-1] if stack else None
+            if top is not None and top.is_map and value is not _Merge:
+                key = top.key
+                if key is _NO_KEY:  # a key
+                    top.nodes += 1
+                    top.key, top.key_line = value, line
+                    if type(value) is str:
+                        lines[(*top.loc, value)] = line
+                    continue
+                if type(key) is str and key not in top.first:  # the value of a new key
+                    top.nodes += 1
+                    top.first[key] = top.key_line
+                    top.value[key] = value
+                    top.key = _NO_KEY
+                    continue
+            attach(value, line, 1)
         if not loader.check_event(yaml.StreamEndEvent):
             extra = loader.get_event()
             raise YamlProblem(

@@ -53,12 +53,19 @@ class LocalStorage(Storage):
         self.root = Path(root).expanduser().resolve()
         self.url = url or self.root.as_uri()
         self.public_base_url = public_base_url
+        # <root>/.meta/<key>.json is the longest path a key makes.
+        self._meta_bytes = len(f"{self.root.as_posix()}/{META}/{SIDECAR_SUFFIX}".encode())
 
     def key_problem(self, key: str) -> str | None:
         """The shared key rules, plus what the filesystem refuses (segment and path lengths)."""
         problem = _key_problem(key)
         if problem:
             return problem
+        size = len(key.encode("utf-8", "surrogatepass"))
+        if size + self._meta_bytes > MAX_PATH_BYTES:
+            return f"the path under {cut(str(self.root), 40)} is longer than {MAX_PATH_BYTES} bytes"
+        if size + len(SIDECAR_SUFFIX) <= MAX_SEGMENT_BYTES:
+            return None  # no segment can be too long
         for segment in key.split("/"):
             if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
                 return (
@@ -71,9 +78,6 @@ class LocalStorage(Storage):
                 f"the last path segment is longer than {MAX_SEGMENT_BYTES - len(SIDECAR_SUFFIX)} "
                 f"bytes (its metadata file adds {SIDECAR_SUFFIX!r})"
             )
-        sidecar = f"{self.root.as_posix()}/{META}/{key}{SIDECAR_SUFFIX}"
-        if len(sidecar.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-            return f"the path under {cut(str(self.root), 40)} is longer than {MAX_PATH_BYTES} bytes"
         return None
 
     def check(self) -> None:
