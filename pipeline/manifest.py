@@ -23,6 +23,11 @@ error); `params` may not set `prompt`, `seed`, `modelId`, `image` or `referenceI
 prompts are stripped of surrounding whitespace (so `>`/`|` block scalars hash like quoted
 strings); tool models need an `image`; input files must exist and be PNG, JPEG or WebP.
 
+Hostile input fails fast (pipeline.limits, pipeline.yamlsafe): the file must be a regular
+file of at most 16 MiB, with no raw control characters, nesting of at most 64 levels, no
+alias bomb and no number over 100 characters; input images must be regular files of at
+most 50 MB; tool parameters that multiply outputs are bounded before any key is rendered.
+
 An item's `item_key` hashes what decides its output (model, trained model, seed, merged
 params, prompt, input image bytes) but not its id, the manifest name or the output template,
 so renaming or reordering items never pays for the same image twice (see pipeline.keys).
@@ -297,9 +302,6 @@ def _json_problem(value: Any) -> str | None:
     return f"is not a JSON value ({_describe(value)}); quote it if it is text"
 
 
-_YamlProblem = YamlProblem
-
-
 class _Loader:
     """One load: the YAML tree with a line for every key, then the checks."""
 
@@ -353,7 +355,7 @@ class _Loader:
             raise ManifestError([f"{self.path}:{line}: <file>: not UTF-8 text"]) from None
         try:
             self.data = self.compose(text)
-        except _YamlProblem as exc:
+        except YamlProblem as exc:
             raise ManifestError([f"{self.path}:{exc.line}: <yaml>: {exc.message}"]) from None
         if not isinstance(self.data, dict):
             found = "an empty file" if self.data is None else _describe(self.data)

@@ -10,6 +10,11 @@
     timeout, connection error  ApiTransientError
     CDN 401 403 410            AssetUrlExpired    (fetch the asset again for a fresh URL)
     body cut short             DownloadIncomplete
+    CDN: no image, too big     ApiPermanentError  (type or magic bytes; > 200 MB; > 5 redirects)
+
+Uploads up to ~4 MB go as a JSON data URL (POST /assets); larger ones through the multipart
+`/uploads` flow (POST /uploads, PUT each part to its signed URL, POST .../action complete,
+GET /uploads/{id} until it names the asset).
 
 Reads (GET, get-bulk, cancel) retry transient errors with `read_retry`. Generation is never
 retried here: Scenario has no idempotency key, so a retried POST could pay twice; the
@@ -46,6 +51,7 @@ from pipeline.errors import (
     DownloadIncomplete,
     PipelineError,
     cut,
+    shorten,
 )
 from pipeline.governor import Governor, NullGovernor
 from pipeline.limits import (
@@ -288,7 +294,7 @@ def _make_scrubber(*secrets: str) -> Callable[[str], str]:
 def _safe_url(url: httpx.URL) -> str:
     """Host and path only: signed CDN queries and userinfo stay out of messages."""
     port = f":{url.port}" if url.port else ""
-    return f"{url.host}{port}{url.path}"
+    return shorten(f"{url.host}{port}{url.path}", 120)
 
 
 # ---------------------------------------------------------------- client
@@ -670,7 +676,7 @@ class ScenarioClient:
         target = httpx.URL(self.base_url).join(url)  # absolute URLs stay as they are
         where = _safe_url(target)
         if target.scheme not in ("http", "https"):
-            raise ApiPermanentError(f"download of {cut(where)}: not an http(s) URL")
+            raise ApiPermanentError(f"download of {where}: not an http(s) URL")
         try:
             with self._cdn.stream("GET", target) as response:
                 final = _safe_url(response.url)
