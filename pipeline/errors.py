@@ -22,6 +22,8 @@ that talks to them and never leak past it. Messages never contain credentials.
 
 from __future__ import annotations
 
+import re
+
 
 class PipelineError(Exception):
     """The pipeline failed."""
@@ -154,3 +156,11 @@ def shorten(text: str, limit: int = MESSAGE_VALUE_CHARS, *, middle: bool = False
         half = max(1, (limit - 3) // 2)
         return f"{text[:half]}...{text[-half:]}"
     return text[: max(1, limit - 3)] + "..."
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """text with line breaks and control characters escaped, so a message stays one line."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)

@@ -52,7 +52,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.errors import ManifestError, cut, shorten
+from pipeline.errors import ManifestError, cut, one_line, shorten
 from pipeline.keys import (
     DEFAULT_TEMPLATE,
     compute_item_key,
@@ -342,9 +342,9 @@ class _Loader:
         try:
             return self._load()
         except ManifestError as exc:
-            # A safety net: no problem line may grow with the size of the input.
-            cut_lines = [shorten(p, MAX_PROBLEM_CHARS, middle=True) for p in exc.problems]
-            raise ManifestError(cut_lines) from None
+            # A safety net: each problem is one line that does not grow with the input.
+            lines = [shorten(one_line(p), MAX_PROBLEM_CHARS, middle=True) for p in exc.problems]
+            raise ManifestError(lines) from None
 
     def _load(self) -> Manifest:
         raw = _read_manifest(self.path)

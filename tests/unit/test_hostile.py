@@ -233,6 +233,11 @@ CASES = [
     Case(
         "list-key", sub("seed: 1", "seed: 1\n? [a, b]\n: c"), [(4, "<key>", "keys must be strings")]
     ),
+    Case(
+        "key-with-newline",
+        sub("seed: 1", 'seed: 1\n"evil\\nkey": 1'),
+        [(4, "evil\\nkey", "unknown")],
+    ),
     Case("duplicate-key", sub("seed: 1", "seed: 1\nseed: 2"), [(4, "seed", "duplicate key")]),
     Case("tab-indent", sub("    prompt: p", "\tprompt: p"), [(6, "<yaml>", "")]),
     Case("unterminated-quote", sub("prompt: p", 'prompt: "p'), [(None, "<yaml>", "")]),

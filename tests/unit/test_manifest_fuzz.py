@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from pipeline.errors import ManifestError
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.yamlsafe import compose
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,  # the machine is shared; a slow example is not a failure here
     database=None,  # write nothing into the checkout
     suppress_health_check=[HealthCheck.too_slow],
@@ -137,3 +138,29 @@ def test_structured_manifests(doc: dict[str, Any], style: str) -> None:
         shared = {"params": doc.get("params"), "items": [doc.get("params")] * 3, **doc}
         text = yaml.safe_dump(shared, allow_unicode=True)
     check(text.encode("utf-8"))
+
+
+plain_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**60), max_value=2**60),
+        st.floats(allow_nan=False),
+        st.text(max_size=20).filter(lambda t: not _CONTROL.search(t)),
+        st.dates(),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=15,
+)
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufffe\uffff]")
+
+
+@FUZZ
+@given(plain_values, st.booleans())
+def test_the_hardened_loader_reads_what_safe_load_reads(value: Any, flow: bool) -> None:
+    text = yaml.safe_dump(
+        {"v": value, "w": [value, {"<<": {"m": value}, "n": 1}]}, default_flow_style=flow
+    )
+    assert compose(text).data == yaml.safe_load(text)
