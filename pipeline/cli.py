@@ -119,11 +119,18 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.command()
 def validate(files: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
-    """Check manifests offline; print each problem as file:line: field: message."""
-    from pipeline.manifest import validate_files
+    """Check manifests offline; print each problem as file:line: field: message.
 
-    _settings()  # a broken configuration is reported by every command, this one too
-    problems = validate_files(files)
+    Output keys are also checked against the configured storage's own key rules
+    (PIPELINE_STORAGE_URL; nothing is contacted).
+    """
+    from pipeline.manifest import validate_files
+    from pipeline.storage import open_storage
+
+    settings = _settings()  # a broken configuration is reported by every command
+    with _errors():
+        storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+        problems = validate_files(files, storage.key_problem)
     if problems:
         raise Exit(EXIT_INVALID, "\n".join(problems))
     for path in files:

@@ -22,6 +22,8 @@ that talks to them and never leak past it. Messages never contain credentials.
 
 from __future__ import annotations
 
+import re
+
 
 class PipelineError(Exception):
     """The pipeline failed."""
@@ -126,3 +128,39 @@ class StorageConflict(PermanentError):
 
 class ChecksumMismatch(PermanentError):
     """The stored bytes do not match the computed sha256."""
+
+
+# Values echoed in messages are cut to this many characters: a message stays one readable
+# line even when the value is megabytes long.
+MESSAGE_VALUE_CHARS = 100
+
+
+def cut(value: object, limit: int = MESSAGE_VALUE_CHARS) -> str:
+    """repr(value) for a message, at most about `limit` characters, cut with an ellipsis."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 300:
+        return f"<an integer of {value.bit_length()} bits>"
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ or a huge number must not hide the real error
+        text = f"<a {type(value).__name__}>"
+    return shorten(text, limit)
+
+
+def shorten(text: str, limit: int = MESSAGE_VALUE_CHARS, *, middle: bool = False) -> str:
+    """text cut to about `limit` characters with '...'; `middle` keeps both ends."""
+    if len(text) <= limit:
+        return text
+    if middle:
+        half = max(1, (limit - 3) // 2)
+        return f"{text[:half]}...{text[-half:]}"
+    return text[: max(1, limit - 3)] + "..."
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """text with line breaks and control characters escaped, so a message stays one line."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)

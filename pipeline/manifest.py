@@ -33,6 +33,11 @@ error); `params` may not set `prompt`, `seed`, `modelId`, `image` or `referenceI
 prompts are stripped of surrounding whitespace (so `>`/`|` block scalars hash like quoted
 strings); tool models need an `image`; input files must exist and be PNG, JPEG or WebP.
 
+Hostile input fails fast (pipeline.limits, pipeline.yamlsafe): the file must be a regular
+file of at most 16 MiB, with no raw control characters, nesting of at most 64 levels, no
+alias bomb and no number over 100 characters; input images must be regular files of at
+most 50 MB; tool parameters that multiply outputs are bounded before any key is rendered.
+
 An item's `item_key` hashes what decides its output (model, trained model, seed, merged
 params, prompt, input image bytes) but not its id, the manifest name or the output template,
 so renaming or reordering items never pays for the same image twice (see pipeline.keys).
@@ -47,16 +52,17 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import os
 import re
-from collections.abc import Iterable, Mapping
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.errors import ManifestError
+from pipeline.errors import ManifestError, cut, one_line, shorten
 from pipeline.keys import (
     DEFAULT_TEMPLATE,
     compute_generation_key,
@@ -66,6 +72,9 @@ from pipeline.keys import (
     uses_index,
     validate_template,
 )
+from pipeline.limits import MAX_INPUT_BYTES, MAX_MANIFEST_BYTES, param_problem
+from pipeline.yamlsafe import YamlProblem
+from pipeline.yamlsafe import compose as compose_yaml
 
 # Models that transform an input image rather than generate from a prompt.
 TOOL_MODELS = frozenset(
@@ -131,6 +140,7 @@ _COMMON_INPUTS = frozenset(
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
 
 Loc = tuple[str | int, ...]
+MAX_PROBLEM_CHARS = 400  # a problem line longer than this is cut in the middle
 
 
 @dataclass(frozen=True)
@@ -366,8 +376,14 @@ def load_manifest(path: str | Path) -> Manifest:
     return _Loader(Path(path)).load()
 
 
-def validate_files(paths: Iterable[str | Path]) -> list[str]:
-    """Return every problem of every manifest file (empty when all are valid)."""
+def validate_files(
+    paths: Iterable[str | Path], key_problem: Callable[[str], str | None] | None = None
+) -> list[str]:
+    """Return every problem of every manifest file (empty when all are valid).
+
+    With `key_problem` (a storage's `key_problem`), every output key is checked against the
+    storage's own rules as well (see storage_key_problems).
+    """
     problems: list[str] = []
     names: dict[str, Path] = {}
     seen: set[Path] = set()
@@ -381,6 +397,8 @@ def validate_files(paths: Iterable[str | Path]) -> list[str]:
         if manifest.path in seen:
             continue
         seen.add(manifest.path)
+        if key_problem is not None:
+            problems.extend(storage_key_problems(manifest, key_problem, shown=path))
         other = names.setdefault(manifest.name, path)
         if other != path:
             line = manifest.lines.get("name", 1)
@@ -399,13 +417,10 @@ def _describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int):
-        return f"an integer ({value})"
-    if isinstance(value, float):
-        return f"a number ({value})"
+    if isinstance(value, int | float):
+        return f"{'an integer' if isinstance(value, int) else 'a number'} ({cut(value, 40)})"
     if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"a string ({shown!r})"
+        return f"a string ({cut(value, 40)})"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -424,12 +439,6 @@ def _json_problem(value: Any) -> str | None:
     if isinstance(value, dict):
         return next((p for p in map(_json_problem, value.values()) if p), None)
     return f"is not a JSON value ({_describe(value)}); quote it if it is text"
-
-
-class _YamlProblem(Exception):
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(message)
-        self.line, self.message = line, message
 
 
 class _Loader:
@@ -470,17 +479,22 @@ class _Loader:
     # -- loading -------------------------------------------------------------------
     def load(self) -> Manifest:
         try:
-            raw = self.path.read_bytes()
+            return self._load()
+        except ManifestError as exc:
+            # A safety net: each problem is one line that does not grow with the input.
+            lines = [shorten(one_line(p), MAX_PROBLEM_CHARS, middle=True) for p in exc.problems]
+            raise ManifestError(lines) from None
+
+    def _load(self) -> Manifest:
+        raw = _read_manifest(self.path)
+        try:
             text = raw.decode("utf-8")
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ManifestError([f"{self.path}:1: <file>: cannot read: {reason}"]) from None
         except UnicodeDecodeError as exc:
             line = raw[: exc.start].count(b"\n") + 1
             raise ManifestError([f"{self.path}:{line}: <file>: not UTF-8 text"]) from None
         try:
             self.data = self.compose(text)
-        except _YamlProblem as exc:
+        except YamlProblem as exc:
             raise ManifestError([f"{self.path}:{exc.line}: <yaml>: {exc.message}"]) from None
         if not isinstance(self.data, dict):
             found = "an empty file" if self.data is None else _describe(self.data)
@@ -496,65 +510,11 @@ class _Loader:
         return manifest
 
     def compose(self, text: str) -> Any:
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            return None if node is None else self.build(loader, node, (), set())
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            message = exc.problem or exc.context or "invalid YAML"
-            if exc.context and exc.context_mark and exc.problem:
-                message += f" ({exc.context} at line {exc.context_mark.line + 1})"
-            raise _YamlProblem(mark.line + 1 if mark else 1, message) from None
-        except yaml.YAMLError as exc:
-            raise _YamlProblem(1, str(exc)) from None
-        finally:
-            loader.dispose()
-
-    def build(self, loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, stack: set[int]) -> Any:
-        """Construct a node like SafeLoader does, recording the line of every key."""
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.ScalarNode):
-            return loader.construct_object(node, deep=True)
-        if id(node) in stack:
-            raise _YamlProblem(line, "recursive alias")
-        stack = stack | {id(node)}
-        if isinstance(node, yaml.SequenceNode) and node.tag == "tag:yaml.org,2002:seq":
-            items = []
-            for i, child in enumerate(node.value):
-                self.lines[(*loc, i)] = child.start_mark.line + 1
-                items.append(self.build(loader, child, (*loc, i), stack))
-            return items
-        if isinstance(node, yaml.MappingNode) and node.tag == "tag:yaml.org,2002:map":
-            first: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                # Duplicates among the node's own keys; merged (<<) keys may be overridden.
-                if (
-                    isinstance(key_node, yaml.ScalarNode)
-                    and key_node.tag != "tag:yaml.org,2002:merge"
-                ):
-                    key, key_line = key_node.value, key_node.start_mark.line + 1
-                    if key in first:
-                        message = f"duplicate key (first given at line {first[key]})"
-                        self.problems.append((key_line, self.path_text(loc, key), message))
-                    first.setdefault(key, key_line)
-            loader.flatten_mapping(node)
-            result: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                key_line = key_node.start_mark.line + 1
-                key = self.build(loader, key_node, (*loc, "<key>"), stack)
-                if not isinstance(key, str):
-                    message = f"keys must be strings, got {_describe(key)}; quote it"
-                    self.problems.append((key_line, self.path_text(loc, str(key)), message))
-                    continue
-                self.lines[(*loc, key)] = key_line
-                result[key] = self.build(loader, value_node, (*loc, key), stack)
-            return result
-        raise _YamlProblem(line, f"unsupported YAML tag {node.tag}")
-
-    def path_text(self, loc: Loc, key: str) -> str:
-        prefix = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        return f"{prefix}.{key}" if prefix else key
+        """The YAML value, recording a line for every key (see pipeline.yamlsafe)."""
+        composed = compose_yaml(text)
+        self.lines.update(composed.lines)
+        self.problems.extend(composed.problems)
+        return composed.data
 
     # -- checks --------------------------------------------------------------------
     def validate_types(self) -> _ManifestModel | None:
@@ -596,7 +556,7 @@ class _Loader:
             self.add(("name",), SLUG_RULE)
         for key in ("model", "trained_model"):
             if isinstance(d.get(key), str) and not MODEL_ID.fullmatch(d[key]):
-                self.add((key,), f"not a model id: {d[key]!r}")
+                self.add((key,), f"not a model id: {cut(d[key])}")
         endpoint = d.get("endpoint", "custom")
         self.check_endpoint(("endpoint",), endpoint)
         if endpoint != "custom" and isinstance(d.get("trained_model"), str):
@@ -628,13 +588,13 @@ class _Loader:
                 elif item_id in seen:
                     self.add(
                         (*at, "id"),
-                        f"duplicate item id {item_id!r} (first defined at line {seen[item_id]})",
+                        f"duplicate item id {cut(item_id)} (first defined at line {seen[item_id]})",
                     )
                 seen.setdefault(item_id, self.line_of((*at, "id")))
             prompt = item.get("prompt")
             if isinstance(prompt, str) and not prompt.strip():
                 self.add((*at, "prompt"), "is empty")
-            if model in TOOL_MODELS:
+            if isinstance(model, str) and model in TOOL_MODELS:
                 if item.get("image") is None:
                     self.add(
                         (*at, "image"), f"required field is missing: {model} needs an input image"
@@ -658,13 +618,20 @@ class _Loader:
             self.add(loc, f"unknown endpoint {endpoint!r}{hint}")
 
     def check_params(
-        self, loc: Loc, params: Any, endpoint: Any = "custom", step: bool = False
+        self,
+        loc: Loc,
+        params: Any,
+        endpoint: Any = "custom",
+        step: bool = False,
+        model: Any = None,
     ) -> None:
         if not isinstance(params, dict):
             return
         reserved = STEP_RESERVED_PARAMS if step else RESERVED_PARAMS
         counter = "numSamples" if endpoint != "custom" else "numOutputs"
         most = MAX_SAMPLES if endpoint != "custom" else MAX_OUTPUTS
+        if model is None:
+            model = self.data.get("model")
         for key, value in params.items():
             if key in reserved and not (step and key == "prompt"):
                 where = reserved[key]
@@ -677,7 +644,7 @@ class _Loader:
                     self.add((*loc, key), f"expected an integer, got {_describe(value)}")
                 elif not 1 <= value <= most:
                     self.add((*loc, key), f"must be between 1 and {most}, got {value}")
-            elif problem := _json_problem(value):
+            elif problem := _json_problem(value) or param_problem(model, key, value):
                 self.add((*loc, key), problem)
 
     def check_steps(self, loc: Loc, steps: Any) -> None:
@@ -693,7 +660,9 @@ class _Loader:
             self.check_endpoint((*at, "endpoint"), endpoint)
             if isinstance(step.get("prompt"), str) and not step["prompt"].strip():
                 self.add((*at, "prompt"), "is empty")
-            self.check_params((*at, "params"), step.get("params"), endpoint, step=True)
+            self.check_params(
+                (*at, "params"), step.get("params"), endpoint, step=True, model=step.get("model")
+            )
             output = step.get("output")
             if isinstance(output, str) and j == len(steps) - 1:
                 self.add(
@@ -720,7 +689,7 @@ class _Loader:
             self.files[path] = _read_input(path)
         found = self.files[path]
         if isinstance(found, str):
-            self.add(loc, f"{value}: {found}")
+            self.add(loc, f"{shorten(value)}: {found}")
             return None
         return found
 
@@ -877,6 +846,40 @@ class _Loader:
             self.add(("output",), f"{what} to {key!r}")
 
 
+def storage_key_problems(
+    manifest: Manifest,
+    key_problem: Callable[[str], str | None],
+    *,
+    shown: Path | None = None,
+) -> list[str]:
+    """`file:line: output: ...` for each item with an output key the storage would refuse.
+
+    key_problem is the configured storage's own rule set (Storage.key_problem: lengths,
+    reserved names, no I/O). One line per item, at the item's line, naming the first
+    refused key; run before anything is paid for.
+    """
+    problems = []
+    path = shown or manifest.path
+    for spec in manifest.items:
+        # An item's keys differ only in the digits of {index}: per stored step, the first
+        # and the last (the longest) decide every rule, however many outputs it makes.
+        first_last: dict[int, list[str]] = {}
+        for step, _index, key in manifest.planned_keys(spec):
+            keys = first_last.setdefault(step, [])
+            keys[1:] = [key]
+            if len(keys) == 1:
+                keys.append(key)
+        for key in (k for keys in first_last.values() for k in dict.fromkeys(keys)):
+            problem = key_problem(key)
+            if problem:
+                problems.append(
+                    f"{path}:{spec.line}: output: item {cut(spec.id, 40)} would be stored at "
+                    f"{cut(key, 80)}, which the storage refuses: {problem}"
+                )
+                break
+    return problems
+
+
 def _suggest(key: str, known: list[str]) -> str:
     """A hint for an unknown field: the likely intended one, or the allowed ones."""
     if key in RESERVED_PARAMS and RESERVED_PARAMS[key] in known:
@@ -889,21 +892,64 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"; allowed: {', '.join(known)}"
 
 
+def _open_regular(path: Path) -> int | str:
+    """An fd open for reading on a regular file, or why not (FIFOs and devices never block)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            kind = "a directory" if path.is_dir() else "a special file (device, FIFO or socket)"
+            return f"is {kind}, not a regular file"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the stat
+        os.close(fd)
+        return "is a special file (device, FIFO or socket), not a regular file"
+    return fd
+
+
+def _read_manifest(path: Path) -> bytes:
+    """The manifest's bytes: a regular file of at most MAX_MANIFEST_BYTES."""
+    fd = _open_regular(path)
+    if isinstance(fd, str):
+        reason = "No such file or directory" if fd == "file not found" else fd
+        raise ManifestError(
+            [f"{path}:1: <file>: cannot read: {reason.removeprefix('cannot read: ')}"]
+        )
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError([f"{path}:1: <file>: cannot read: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            [
+                f"{path}:1: <file>: larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB; "
+                "split the batch into several manifests"
+            ]
+        )
+    return raw
+
+
 def _read_input(path: Path) -> InputFile | str:
     """An InputFile for a local image, or why it cannot be used."""
+    fd = _open_regular(path)
+    if isinstance(fd, str):
+        return fd
     digest = hashlib.sha256()
     size = 0
     head = b""
     try:
-        with path.open("rb") as handle:
+        with os.fdopen(fd, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size > MAX_INPUT_BYTES:
+                return f"larger than {MAX_INPUT_BYTES // 1_000_000} MB"
             while chunk := handle.read(1 << 20):
                 head = head or chunk[:16]
                 digest.update(chunk)
                 size += len(chunk)
-    except FileNotFoundError:
-        return "file not found"
-    except IsADirectoryError:
-        return "is a directory, not a file"
+                if size > MAX_INPUT_BYTES:  # grew while being read
+                    return f"larger than {MAX_INPUT_BYTES // 1_000_000} MB"
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
     if size == 0:
@@ -928,5 +974,6 @@ __all__ = [
     "expected_outputs",
     "load_manifest",
     "merge_params",
+    "storage_key_problems",
     "validate_files",
 ]

@@ -10,6 +10,11 @@
     timeout, connection error  ApiTransientError
     CDN 401 403 410            AssetUrlExpired    (fetch the asset again for a fresh URL)
     body cut short             DownloadIncomplete
+    CDN: no image, too big     ApiPermanentError  (type or magic bytes; > 200 MB; > 5 redirects)
+
+Uploads up to ~4 MB go as a JSON data URL (POST /assets); larger ones through the multipart
+`/uploads` flow (POST /uploads, PUT each part to its signed URL, POST .../action complete,
+GET /uploads/{id} until it names the asset).
 
 Reads (GET, get-bulk, cancel) retry transient errors with `read_retry`. Generation is never
 retried here: Scenario has no idempotency key, so a retried POST could pay twice; the
@@ -45,8 +50,16 @@ from pipeline.errors import (
     AuthError,
     DownloadIncomplete,
     PipelineError,
+    cut,
+    shorten,
 )
 from pipeline.governor import Governor, NullGovernor
+from pipeline.limits import (
+    DIRECT_UPLOAD_MAX_BYTES,
+    MAX_DOWNLOAD_BYTES,
+    MAX_REDIRECTS,
+    UPLOAD_PART_BYTES,
+)
 from pipeline.retry import Backoff, call_with_retry
 
 logger = logging.getLogger(__name__)
@@ -60,6 +73,11 @@ _MESSAGE_MAX = 500
 _AUTH_NAME = re.compile(r"auth|credential|api.?key|token|signature|unauthori[sz]ed", re.I)
 _CDN_EXPIRED = {401, 403, 410}
 DEFAULT_READ_RETRY = Backoff(max_attempts=3, initial=0.5, maximum=8.0)
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
+_UNTYPED = frozenset({"application/octet-stream", "binary/octet-stream"})  # judged by magic
+_MAGIC_BYTES = 12  # enough to tell PNG, JPEG, WebP and GIF apart
+UPLOAD_POLL_SECONDS = 1.0
+UPLOAD_WAIT_SECONDS = 120.0
 
 
 class JobStatus(StrEnum):
@@ -276,7 +294,7 @@ def _make_scrubber(*secrets: str) -> Callable[[str], str]:
 def _safe_url(url: httpx.URL) -> str:
     """Host and path only: signed CDN queries and userinfo stay out of messages."""
     port = f":{url.port}" if url.port else ""
-    return f"{url.host}{port}{url.path}"
+    return shorten(f"{url.host}{port}{url.path}", 120)
 
 
 # ---------------------------------------------------------------- client
@@ -330,6 +348,7 @@ class ScenarioClient:
             limits=limits,
             transport=transport,
             follow_redirects=True,
+            max_redirects=MAX_REDIRECTS,
         )
 
     def __repr__(self) -> str:
@@ -539,11 +558,87 @@ class ScenarioClient:
     # ------------------------------------------------------------ assets and models
 
     def upload_image(self, data: bytes, name: str, mime_type: str = "image/png") -> str:
-        """Upload image bytes as a new asset and return its id (retried: uploads are free)."""
+        """Upload image bytes as a new asset and return its id (retried: uploads are free).
+
+        Up to DIRECT_UPLOAD_MAX_BYTES the bytes go as a JSON data URL (POST /assets); larger
+        ones through the multipart /uploads flow, which the API asks for above ~6 MB.
+        """
+        if len(data) > DIRECT_UPLOAD_MAX_BYTES:
+            return self._upload_multipart(data, name, mime_type)
         image = f"data:{mime_type};base64,{base64.b64encode(data).decode('ascii')}"
         body = self._call("POST", "/assets", json={"image": image, "name": name}, retry=True)
         asset = self._field(body, "asset", "POST", "/assets")
         return parse_asset(asset).id
+
+    def _upload_multipart(self, data: bytes, name: str, mime_type: str) -> str:
+        """POST /uploads, PUT each part to its signed URL, complete, then wait for the asset."""
+        parts = max(1, -(-len(data) // UPLOAD_PART_BYTES))
+        request = {
+            "fileName": name,
+            "fileSize": len(data),
+            "contentType": mime_type,
+            "kind": "asset",
+            "parts": parts,
+        }
+        upload = self._upload_field(self._call("POST", "/uploads", json=request, retry=True))
+        upload_id = _opt_str(upload.get("id"))
+        urls = _part_urls(upload.get("parts"), parts)
+        if upload_id is None or urls is None:
+            raise ApiPermanentError(f"POST /uploads: unexpected response (no id or {parts} parts)")
+        path = f"/uploads/{quote(upload_id, safe='')}"
+        for number, url in enumerate(urls, start=1):
+            chunk = data[(number - 1) * UPLOAD_PART_BYTES : number * UPLOAD_PART_BYTES]
+            self._put_part(url, chunk, number)
+        self._call("POST", f"{path}/action", json={"action": "complete"}, retry=True)
+        waited = 0.0
+        while True:
+            upload = self._upload_field(self._call("GET", path, retry=True))
+            status = upload.get("status")
+            if status == "failed":
+                reason = _opt_str(upload.get("errorMessage")) or "no reason given"
+                raise ApiPermanentError(self._scrub(f"upload {upload_id} failed: {reason}")[:500])
+            asset_id = _opt_str(upload.get("entityId"))
+            if asset_id and status in ("complete", "imported", "validated"):
+                return asset_id
+            if waited >= UPLOAD_WAIT_SECONDS:
+                raise ApiTransientError(
+                    f"upload {upload_id} still {status!r} after {UPLOAD_WAIT_SECONDS:.0f}s"
+                )
+            self._sleep(UPLOAD_POLL_SECONDS)
+            waited += UPLOAD_POLL_SECONDS
+
+    @staticmethod
+    def _upload_field(body: dict[str, Any]) -> dict[str, Any]:
+        upload = body.get("upload")
+        if not isinstance(upload, dict):
+            raise ApiPermanentError("/uploads: response has no 'upload'")
+        return upload
+
+    def _put_part(self, url: str, chunk: bytes, number: int) -> None:
+        """PUT one part to its signed storage URL: no API credentials go there."""
+        target = httpx.URL(url)
+        where = _safe_url(target)
+        if target.scheme not in ("http", "https"):
+            raise ApiPermanentError(f"upload part {number}: not an http(s) URL")
+
+        def send() -> None:
+            try:
+                response = self._cdn.put(target, content=chunk)
+            except httpx.TimeoutException:
+                raise ApiTransientError(f"PUT {where}: connection error: timed out") from None
+            except (httpx.TransportError, httpx.TooManyRedirects) as exc:
+                raise ApiTransientError(
+                    f"PUT {where}: connection error: {type(exc).__name__}"
+                ) from None
+            if response.status_code >= 400:
+                transient = response.status_code in (408, 429) or response.status_code >= 500
+                error = ApiTransientError if transient else ApiPermanentError
+                raise error(f"PUT {where} (part {number}) -> {response.status_code}")
+
+        if self._read_retry is None:
+            send()
+        else:
+            call_with_retry(send, backoff=self._read_retry, sleep=self._sleep)
 
     def get_asset(self, asset_id: str) -> Asset:
         """One asset, with a freshly signed URL."""
@@ -574,19 +669,32 @@ class ScenarioClient:
     # ------------------------------------------------------------ downloads
 
     @contextmanager
-    def download(self, url: str, *, chunk_size: int = 65536) -> Iterator[Iterator[bytes]]:
+    def download(
+        self, url: str, *, chunk_size: int = 65536, max_bytes: int = MAX_DOWNLOAD_BYTES
+    ) -> Iterator[Iterator[bytes]]:
         """Stream a signed asset URL's bytes; never sends the API's Authorization header.
 
-        CDN requests do not pass the governor: the request-rate limit is the API's.
+        The body must be an image (PNG, JPEG, WebP or GIF: content type and magic bytes) of
+        at most max_bytes, reached in at most MAX_REDIRECTS redirects; anything else is a
+        PermanentError, raised before or while the bytes stream (a cut body stays a
+        DownloadIncomplete). CDN requests do not pass the governor: the rate limit is the API's.
         """
         target = httpx.URL(self.base_url).join(url)  # absolute URLs stay as they are
         where = _safe_url(target)
+        if target.scheme not in ("http", "https"):
+            raise ApiPermanentError(f"download of {where}: not an http(s) URL")
         try:
             with self._cdn.stream("GET", target) as response:
-                _check_download_status(where, response)
-                yield _iter_body(where, response, chunk_size)
+                final = _safe_url(response.url)
+                _check_download_status(final, response)
+                _check_download_headers(final, response, max_bytes)
+                yield _iter_body(final, response, chunk_size, max_bytes)
         except httpx.TimeoutException:
             raise ApiTransientError(f"GET {where}: connection error: timed out") from None
+        except httpx.TooManyRedirects:
+            raise ApiPermanentError(
+                f"GET {where}: more than {MAX_REDIRECTS} redirects", status_code=None
+            ) from None
         except httpx.TransportError as exc:
             raise ApiTransientError(
                 f"GET {where}: connection error: {type(exc).__name__}"
@@ -616,13 +724,50 @@ def check_complete(where: str, received: int, expected: int | None) -> None:
         raise DownloadIncomplete(f"GET {where}: body cut short ({received} of {expected} bytes)")
 
 
-def _iter_body(where: str, response: httpx.Response, chunk_size: int) -> Iterator[bytes]:
+def _check_download_headers(where: str, response: httpx.Response, max_bytes: int) -> None:
+    """Refuse a body that announces a non-image type or more than max_bytes."""
+    kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind not in IMAGE_TYPES and kind not in _UNTYPED:
+        raise ApiPermanentError(f"GET {where}: served {cut(kind, 60)}, not an image")
+    length = response.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise ApiPermanentError(
+            f"GET {where}: {int(length)} bytes is more than the {max_bytes}-byte limit"
+        )
+
+
+def image_type(head: bytes) -> str | None:
+    """The image MIME type its first bytes announce (PNG, JPEG, WebP, GIF), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+def _iter_body(
+    where: str, response: httpx.Response, chunk_size: int, max_bytes: int = MAX_DOWNLOAD_BYTES
+) -> Iterator[bytes]:
     length = response.headers.get("content-length")
     expected = int(length) if length and length.isdigit() else None
     received = 0
+    head = b""
+    checked = False
     try:
         for chunk in response.iter_bytes(chunk_size):
             received += len(chunk)
+            if received > max_bytes:
+                raise ApiPermanentError(f"GET {where}: body exceeds the {max_bytes}-byte limit")
+            if not checked:
+                head += chunk
+                if len(head) < _MAGIC_BYTES:
+                    continue  # hold the first bytes back until they can be checked
+                _check_magic(where, head)
+                checked, chunk, head = True, head, b""
             yield chunk
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout) as exc:
         raise DownloadIncomplete(
@@ -632,6 +777,28 @@ def _iter_body(where: str, response: httpx.Response, chunk_size: int) -> Iterato
         # Content-Length counts the compressed bytes: compare the raw count instead.
         received = response.num_bytes_downloaded
     check_complete(where, received, expected)
+    if not checked:  # a body shorter than any image header
+        _check_magic(where, head)
+        yield head
+
+
+def _check_magic(where: str, head: bytes) -> None:
+    if image_type(head) is None:
+        raise ApiPermanentError(f"GET {where}: the body is not a PNG, JPEG, WebP or GIF image")
+
+
+def _part_urls(parts: Any, count: int) -> list[str] | None:
+    """The signed URLs of parts 1..count in order, or None when the answer does not hold them."""
+    if not isinstance(parts, list):
+        return None
+    by_number: dict[int, str] = {}
+    for part in parts:
+        if isinstance(part, dict) and isinstance(part.get("url"), str):
+            number = part.get("number")
+            if isinstance(number, int | float) and not isinstance(number, bool):
+                by_number[int(number)] = part["url"]
+    urls = [by_number.get(n) for n in range(1, count + 1)]
+    return None if any(u is None for u in urls) else [u for u in urls if u]
 
 
 def generation_path(model_id: str, endpoint: str = "custom") -> str:

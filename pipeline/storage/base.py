@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import IO
 from urllib.parse import quote
 
-from pipeline.errors import ChecksumMismatch, PermanentError, StorageTransientError
+from pipeline.errors import ChecksumMismatch, PermanentError, StorageTransientError, cut
 
 # A key's bytes change only when its manifest item changes: a CDN may serve a cached copy
 # for a day, then revalidates.
@@ -97,6 +97,21 @@ class Storage(ABC):
     def key_from_uri(self, uri: str) -> str | None:
         """The key a URI of this storage names, or None if it names something else."""
 
+    def key_problem(self, key: str) -> str | None:
+        """Why this storage would refuse key, or None; pure string rules, no I/O.
+
+        `pipeline validate` applies it to every output key, so nothing is paid for and then
+        refused; put/head apply it too (check_key), so a refusal is permanent and named.
+        """
+        return _key_problem(key)
+
+    def check_key(self, key: str) -> str:
+        """Return key if this storage accepts it; raise PermanentError naming why not."""
+        problem = self.key_problem(key)
+        if problem:
+            raise PermanentError(f"invalid storage key {cut(key)}: {problem}")
+        return key
+
     def verify(self, key: str, sha256: str) -> bool:
         """True when an object exists at key with exactly this sha256."""
         found = self.head(key)
@@ -125,7 +140,7 @@ def validate_key(key: str) -> str:
     """Return key if it is a safe relative object key; raise PermanentError otherwise."""
     problem = _key_problem(key)
     if problem:
-        raise PermanentError(f"invalid storage key {key!r}: {problem}")
+        raise PermanentError(f"invalid storage key {cut(key)}: {problem}")
     return key
 
 
@@ -144,7 +159,7 @@ def _key_problem(key: object) -> str | None:
     if any(segment in ("", ".", "..") for segment in segments):
         return "empty, '.' and '..' path segments are not allowed"
     if segments[0] in RESERVED_PREFIXES:
-        return f"{segments[0]!r} is reserved"
+        return f"{cut(segments[0], 40)} is reserved for the storage's own files"
     return None
 
 

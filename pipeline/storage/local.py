@@ -23,18 +23,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pipeline.errors import ServiceUnavailable, StorageConflict, StorageTransientError
+from pipeline.errors import ServiceUnavailable, StorageConflict, StorageTransientError, cut
 from pipeline.storage.base import (
     Storage,
     StoredObject,
     _key_problem,
     check_expected,
     copy_hashing,
-    validate_key,
 )
 
 STAGING = ".staging"
 META = ".meta"
+SIDECAR_SUFFIX = ".json"
+
+# Linux limits: one path segment (NAME_MAX) and a whole path (PATH_MAX, with its NUL).
+MAX_SEGMENT_BYTES = 255
+MAX_PATH_BYTES = 4095
 
 # Filesystems without hard links (some FUSE and SMB mounts) answer with these.
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV}
@@ -49,6 +53,32 @@ class LocalStorage(Storage):
         self.root = Path(root).expanduser().resolve()
         self.url = url or self.root.as_uri()
         self.public_base_url = public_base_url
+        # <root>/.meta/<key>.json is the longest path a key makes.
+        self._meta_bytes = len(f"{self.root.as_posix()}/{META}/{SIDECAR_SUFFIX}".encode())
+
+    def key_problem(self, key: str) -> str | None:
+        """The shared key rules, plus what the filesystem refuses (segment and path lengths)."""
+        problem = _key_problem(key)
+        if problem:
+            return problem
+        size = len(key.encode("utf-8", "surrogatepass"))
+        if size + self._meta_bytes > MAX_PATH_BYTES:
+            return f"the path under {cut(str(self.root), 40)} is longer than {MAX_PATH_BYTES} bytes"
+        if size + len(SIDECAR_SUFFIX) <= MAX_SEGMENT_BYTES:
+            return None  # no segment can be too long
+        for segment in key.split("/"):
+            if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+                return (
+                    f"a path segment is longer than {MAX_SEGMENT_BYTES} bytes ({cut(segment, 40)})"
+                )
+        # The metadata sidecar adds a suffix to the last segment, and lives under .meta/.
+        last = key.rsplit("/", 1)[-1] + SIDECAR_SUFFIX
+        if len(last.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
+            return (
+                f"the last path segment is longer than {MAX_SEGMENT_BYTES - len(SIDECAR_SUFFIX)} "
+                f"bytes (its metadata file adds {SIDECAR_SUFFIX!r})"
+            )
+        return None
 
     def check(self) -> None:
         """Create the folder if needed and prove a file can be written there."""
@@ -73,7 +103,7 @@ class LocalStorage(Storage):
         replace: bool = False,
     ) -> StoredObject:
         """Stream chunks to a staged file, then link it into place (or replace, if asked)."""
-        validate_key(key)
+        self.check_key(key)
         try:
             fd, temp = tempfile.mkstemp(dir=self._staging(), prefix="put-")
         except OSError as exc:
@@ -136,7 +166,7 @@ class LocalStorage(Storage):
 
     def head(self, key: str) -> StoredObject | None:
         """The stored file at key; the sha256 comes from its sidecar or is recomputed."""
-        validate_key(key)
+        self.check_key(key)
         path = self._path(key)
         try:
             stat = path.stat()
@@ -159,7 +189,7 @@ class LocalStorage(Storage):
 
     def read_metadata(self, key: str) -> dict[str, str] | None:
         """The lineage metadata stored with key, or None."""
-        sidecar = self._read_sidecar(validate_key(key))
+        sidecar = self._read_sidecar(self.check_key(key))
         if sidecar is None:
             return None
         stored = sidecar.get("metadata")
@@ -167,7 +197,7 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         """Remove the file and its sidecar."""
-        validate_key(key)
+        self.check_key(key)
         try:
             self._path(key).unlink(missing_ok=True)
             self._sidecar_path(key).unlink(missing_ok=True)
@@ -285,4 +315,6 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _transient(action: str, key: str, exc: OSError) -> StorageTransientError:
-    return StorageTransientError(f"local storage could not {action} {key!r}: {exc.strerror or exc}")
+    return StorageTransientError(
+        f"local storage could not {action} {cut(key)}: {exc.strerror or exc}"
+    )

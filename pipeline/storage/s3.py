@@ -26,16 +26,17 @@ from pipeline.errors import (
     ServiceUnavailable,
     StorageConflict,
     StorageTransientError,
+    cut,
 )
 from pipeline.redact import shorten
 from pipeline.storage.base import (
     CACHE_CONTROL,
+    MAX_KEY_BYTES,
     Spool,
     Storage,
     StoredObject,
     _key_problem,
     sanitize_metadata,
-    validate_key,
 )
 
 _TRANSIENT_CODES = {
@@ -100,6 +101,17 @@ class S3Storage(Storage):
         # Cleared if the server answers NotImplemented to a conditional write.
         self._conditional_writes = True
 
+    def key_problem(self, key: str) -> str | None:
+        """The shared key rules, and S3's 1024-byte limit on the full key (prefix included)."""
+        problem = _key_problem(key)
+        if problem:
+            return problem
+        full = self._full_key(key).encode("utf-8", "surrogatepass")
+        if len(full) > MAX_KEY_BYTES:
+            where = f" with the prefix {cut(self.prefix, 40)}" if self.prefix else ""
+            return f"longer than S3's {MAX_KEY_BYTES} bytes{where} ({len(full)} bytes)"
+        return None
+
     def check(self) -> None:
         """HeadBucket: the endpoint answers, the credentials work and the bucket exists."""
         try:
@@ -123,7 +135,7 @@ class S3Storage(Storage):
         replace: bool = False,
     ) -> StoredObject:
         """Spool and hash the body, then write it with one checksummed PutObject."""
-        validate_key(key)
+        self.check_key(key)
         spool = Spool.collect(chunks, expected_sha256)
         try:
             existing = self.head(key)
@@ -178,7 +190,7 @@ class S3Storage(Storage):
 
     def head(self, key: str) -> StoredObject | None:
         """HeadObject; the sha256 comes from the object's metadata or its SHA-256 checksum."""
-        validate_key(key)
+        self.check_key(key)
         try:
             answer = self._client().head_object(
                 Bucket=self.bucket, Key=self._full_key(key), ChecksumMode="ENABLED"
@@ -193,7 +205,7 @@ class S3Storage(Storage):
 
     def read_metadata(self, key: str) -> dict[str, str] | None:
         """The x-amz-meta-* lineage stored with key, or None."""
-        validate_key(key)
+        self.check_key(key)
         try:
             answer = self._client().head_object(Bucket=self.bucket, Key=self._full_key(key))
         except Exception as exc:
@@ -204,7 +216,7 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         """DeleteObject (S3 treats a missing key as success)."""
-        validate_key(key)
+        self.check_key(key)
         try:
             self._client().delete_object(Bucket=self.bucket, Key=self._full_key(key))
         except Exception as exc:
