@@ -1,0 +1,130 @@
+"""How many jobs may be in flight: learned from the API, not configured.
+
+Scenario caps running jobs per plan (`parallelCustomJobs` for /generate/custom,
+`parallelInferences` for /generate/{inferenceType}), and few users know their number. A
+generation refused with 429 for concurrency created nothing and bills nothing, so the cap
+can be learned safely:
+
+- when the key may read `GET /teams/{teamId}/limits`, that is the cap, and nothing is probed;
+- otherwise start at what was learned before for this API key (or `INITIAL`), grow by one
+  each time a submission is accepted while every slot was taken, and on a refusal drop to
+  the number of jobs that were running when it came (what the API just said it allows);
+- after the first refusal, grow only by one per `ROUNDS_PER_PROBE` full rounds of the cap,
+  so probing costs a refusal every few hundred jobs, not every few.
+
+`PIPELINE_PARALLEL_JOBS`, when set, is a ceiling the cap never passes. The state is one
+small JSON value per (API key, pool) in SQL, shared by every worker and kept across runs;
+the key is a hash of the API key, never the key.
+
+Everything here is pure except `CapacityStore`, which reads and writes through the
+repository's named cursors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
+
+INITIAL = 4  # the cap of an API key we know nothing about
+ROUNDS_PER_PROBE = 4
+POOLS = ("custom", "inference")
+
+
+def pool_of(endpoint: str) -> str:
+    """Which of the plan's two caps a job counts against."""
+    return "custom" if endpoint == "custom" else "inference"
+
+
+@dataclass(frozen=True)
+class Cap:
+    """One pool's learned cap."""
+
+    value: int = INITIAL
+    known: bool = False  # read from the limits endpoint: never probed
+    refused: bool = False  # a refusal was seen: probe slowly from now on
+    credit: int = 0  # accepted-at-cap submissions since the last increase
+
+    def limit(self, ceiling: int | None) -> int:
+        """How many jobs may be in flight now."""
+        return max(1, min(self.value, ceiling) if ceiling else self.value)
+
+    def accepted(self, in_flight: int) -> Cap:
+        """A submission was accepted with `in_flight` jobs of the pool in flight."""
+        if self.known or in_flight < self.value:
+            return self
+        if not self.refused:
+            return replace(self, value=self.value + 1)
+        credit = self.credit + 1
+        if credit >= ROUNDS_PER_PROBE * self.value:
+            return replace(self, value=self.value + 1, credit=0)
+        return replace(self, credit=credit)
+
+    def refused_at(self, running: int) -> Cap:
+        """The API refused a submission for concurrency while `running` jobs ran.
+
+        `running` counts the jobs we have not yet seen finish, so it may be a little high;
+        every refusal therefore lowers the cap by at least one, and it settles on the API's.
+        """
+        value = max(1, min(running, self.value - 1))
+        return replace(self, value=value, refused=True, credit=0, known=False)
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def loads(cls, text: str | None) -> Cap:
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+            return cls(
+                value=max(1, int(data["value"])),
+                known=bool(data.get("known")),
+                refused=bool(data.get("refused")),
+                credit=max(0, int(data.get("credit", 0))),
+            )
+        except (ValueError, KeyError, TypeError):
+            return cls()
+
+
+def cursor_name(api_host: str, api_key: str, pool: str) -> str:
+    """The cursor holding one pool's cap for one API key (hashed, never stored plain)."""
+    digest = hashlib.sha256(f"{api_host}\0{api_key}".encode()).hexdigest()[:20]
+    return f"capacity:{digest}:{pool}"
+
+
+class Cursors(Protocol):
+    def get_cursor(self, name: str) -> str | None: ...
+
+    def set_cursor(self, name: str, value: str) -> None: ...
+
+
+class CapacityStore:
+    """Reads and updates the learned caps of one API key."""
+
+    def __init__(self, cursors: Cursors, api_host: str, api_key: str) -> None:
+        self._cursors = cursors
+        self._names = {pool: cursor_name(api_host, api_key, pool) for pool in POOLS}
+
+    def get(self, pool: str) -> Cap:
+        return Cap.loads(self._cursors.get_cursor(self._names[pool]))
+
+    def put(self, pool: str, cap: Cap) -> None:
+        self._cursors.set_cursor(self._names[pool], cap.dumps())
+
+    def known(self, limits: dict[str, int]) -> None:
+        """Caps read from the plan's limits: authoritative."""
+        for pool, value in limits.items():
+            if pool in self._names and value > 0:
+                self.put(pool, Cap(value=int(value), known=True))
+
+    def accepted(self, pool: str, in_flight: int) -> None:
+        cap = self.get(pool)
+        new = cap.accepted(in_flight)
+        if new != cap:
+            self.put(pool, new)
+
+    def refused(self, pool: str, running: int) -> None:
+        self.put(pool, self.get(pool).refused_at(running))
