@@ -45,30 +45,42 @@ class Cap:
     known: bool = False  # read from the limits endpoint: never probed
     refused: bool = False  # a refusal was seen: probe slowly from now on
     credit: int = 0  # accepted-at-cap submissions since the last increase
+    lowered_at: float | None = None  # when a refusal last lowered the cap (epoch seconds)
 
     def limit(self, ceiling: int | None) -> int:
         """How many jobs may be in flight now."""
         return max(1, min(self.value, ceiling) if ceiling else self.value)
 
-    def accepted(self, in_flight: int) -> Cap:
-        """A submission was accepted with `in_flight` jobs of the pool in flight."""
-        if self.known or in_flight < self.value:
-            return self
+    def accepted(self, in_flight: int, waiting: bool) -> Cap:
+        """A submission was accepted with `in_flight` jobs of the pool in flight, and more
+        work `waiting` for a slot (no demand, no evidence that more would be accepted)."""
+        settled = self
+        if self.known or not waiting:
+            return settled
         if not self.refused:
-            return replace(self, value=self.value + 1)
+            # Slow start: one more per acceptance while at least half the cap is in use,
+            # doubling per round; a cap we do not come near to filling is left alone.
+            if 2 * in_flight >= self.value:
+                return replace(settled, value=self.value + 1)
+            return settled
+        if in_flight < self.value:
+            return settled
         credit = self.credit + 1
         if credit >= ROUNDS_PER_PROBE * self.value:
-            return replace(self, value=self.value + 1, credit=0)
-        return replace(self, credit=credit)
+            return replace(settled, value=self.value + 1, credit=0)
+        return replace(settled, credit=credit)
 
-    def refused_at(self, running: int) -> Cap:
-        """The API refused a submission for concurrency while `running` jobs ran.
+    def refused_at(self, running: int, sent_at: float, now: float) -> Cap:
+        """The API refused a submission sent at `sent_at` while `running` jobs ran.
 
-        `running` counts the jobs we have not yet seen finish, so it may be a little high;
-        every refusal therefore lowers the cap by at least one, and it settles on the API's.
+        `running` counts the jobs we have not yet seen finish, so it may be a little high:
+        a refusal lowers the cap by at least one. A submission sent before the cap was last
+        lowered was sent under the old cap: its refusal says nothing new.
         """
+        if self.lowered_at is not None and sent_at < self.lowered_at:
+            return self
         value = max(1, min(running, self.value - 1))
-        return replace(self, value=value, refused=True, credit=0, known=False)
+        return replace(self, value=value, refused=True, credit=0, known=False, lowered_at=now)
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -84,6 +96,7 @@ class Cap:
                 known=bool(data.get("known")),
                 refused=bool(data.get("refused")),
                 credit=max(0, int(data.get("credit", 0))),
+                lowered_at=float(data["lowered_at"]) if data.get("lowered_at") else None,
             )
         except (ValueError, KeyError, TypeError):
             return cls()
@@ -120,11 +133,14 @@ class CapacityStore:
             if pool in self._names and value > 0:
                 self.put(pool, Cap(value=int(value), known=True))
 
-    def accepted(self, pool: str, in_flight: int) -> None:
+    def accepted(self, pool: str, in_flight: int, waiting: bool) -> None:
         cap = self.get(pool)
-        new = cap.accepted(in_flight)
+        new = cap.accepted(in_flight, waiting)
         if new != cap:
             self.put(pool, new)
 
-    def refused(self, pool: str, running: int) -> None:
-        self.put(pool, self.get(pool).refused_at(running))
+    def refused(self, pool: str, running: int, sent_at: float, now: float) -> None:
+        cap = self.get(pool)
+        new = cap.refused_at(running, sent_at, now)
+        if new != cap:
+            self.put(pool, new)

@@ -671,6 +671,12 @@ class Repository:
         """Nodes whose job Scenario accepted and has not finished."""
         return self._count_in_pool([NodeState.RUNNING], pool)
 
+    def waiting_in_pool(self, pool: str) -> bool:
+        """Whether pending nodes of the pool wait for a slot."""
+        with self._tx() as s:
+            query = select(NodeRow.id).where(NodeRow.state == NodeState.PENDING, *_in_pool(pool))
+            return s.execute(query.limit(1)).first() is not None
+
     def _count_in_pool(self, states: list[NodeState], pool: str | None) -> int:
         with self._tx() as s:
             query = select(func.count()).select_from(NodeRow).where(NodeRow.state.in_(states))

@@ -172,6 +172,7 @@ def submit_node(ctx: Context, node_id: int) -> str:
         if not ctx.repo.transition(node_id, nodes.Renew(owner)):
             raise _ClaimLost(node_id)
 
+    sent_at = ctx.now().timestamp()
     try:
         submission = ctx.client.generate(
             work.model, work.body, endpoint=work.endpoint, before_send=still_ours
@@ -188,7 +189,8 @@ def submit_node(ctx: Context, node_id: int) -> str:
             # The plan's parallel-jobs cap: nothing was created or billed. The cap is lower
             # than we thought; the node goes back to wait for a slot, no one else waits.
             pool = pool_of(work.endpoint)
-            ctx.caps.refused(pool, ctx.repo.running_in_pool(pool))
+            refused_at = ctx.now().timestamp()
+            ctx.caps.refused(pool, ctx.repo.running_in_pool(pool), sent_at, refused_at)
             ctx.repo.record_refused(row_id, nodes.Throttled(0.0, str(exc)))
             return "throttled"
         if exc.status_code == 429:
@@ -203,7 +205,7 @@ def submit_node(ctx: Context, node_id: int) -> str:
         return "rejected"
     _record_accepted(ctx, row_id, work.model, submission.job, submission.creative_units)
     pool = pool_of(work.endpoint)
-    ctx.caps.accepted(pool, ctx.repo.slots_in_use(pool))
+    ctx.caps.accepted(pool, ctx.repo.slots_in_use(pool), ctx.repo.waiting_in_pool(pool))
     ctx.wake.set()
     return "submitted"
 
