@@ -140,6 +140,7 @@ class Executor:
         force: bool = False,
         deadline: timedelta | None = None,
         git_sha: str | None = None,
+        budget: float | None = None,
     ) -> str:
         """Upload inputs, decide skips, and record the run and its items (one transaction)."""
         repo, storage = self.ctx.repo, self.ctx.storage
@@ -171,6 +172,7 @@ class Executor:
             git_sha=git_sha,
             deadline_at=repo.now() + deadline if deadline else None,
             max_attempts=self.settings.max_job_attempts,
+            budget=budget,
         )
 
     def _refuse_overwrites(self, manifest: Manifest) -> None:

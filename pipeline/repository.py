@@ -256,6 +256,7 @@ class Repository:
         git_sha: str | None = None,
         deadline_at: datetime | None = None,
         max_attempts: int = 2,
+        budget: float | None = None,
     ) -> str:
         """Record the manifest, a run, its items and their first nodes in one transaction."""
         run_id = new_run_id()
@@ -288,6 +289,7 @@ class Repository:
                 storage_url=storage_url,
                 created_at=now,
                 deadline_at=deadline_at,
+                budget_cu=budget,
             )
             s.add(run)
             item_rows = []

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pipeline import nodes
+from pipeline import budget, nodes
 from pipeline.capacity import POOLS, CapacityStore, pool_of
 from pipeline.errors import (
     ApiPermanentError,
@@ -150,6 +150,7 @@ def submit_node(ctx: Context, node_id: int) -> str:
             return "auth-failed"
         if found is not None:
             _record_accepted(ctx, work.open_intent_id, work.model, found, found.cost)
+            budget.settle(ctx.repo, work.run_id, 0.0, found.cost)
             logger.info("node %s: reconciled with existing job %s", node_id, found.id)
             return "reconciled"
         row_id = work.open_intent_id
@@ -163,6 +164,9 @@ def submit_node(ctx: Context, node_id: int) -> str:
         if intent is None:
             return "claim-lost"
         row_id = intent
+    reserved = budget.gate(ctx, work, owner, row_id)  # a run's budget: reserve or refuse
+    if isinstance(reserved, budget.Refused):
+        return reserved.outcome
 
     def still_ours() -> None:
         # Our claim may have run out while we reconciled or waited for the governor, and
@@ -174,9 +178,10 @@ def submit_node(ctx: Context, node_id: int) -> str:
 
     sent_at = ctx.now().timestamp()
     try:
-        submission = ctx.client.generate(
-            work.model, work.body, endpoint=work.endpoint, before_send=still_ours
-        )
+        with budget.held(ctx.repo, work.run_id, reserved):  # released unless accepted
+            submission = ctx.client.generate(
+                work.model, work.body, endpoint=work.endpoint, before_send=still_ours
+            )
     except _ClaimLost:
         logger.info("node %s: claim lost before the POST; another worker has it", node_id)
         return "claim-lost"
@@ -204,6 +209,9 @@ def submit_node(ctx: Context, node_id: int) -> str:
         ctx.repo.record_refused(row_id, nodes.Refused(str(exc), exc.hint))
         return "rejected"
     _record_accepted(ctx, row_id, work.model, submission.job, submission.creative_units)
+    found_cost = submission.job.cost
+    billed = submission.creative_units
+    budget.settle(ctx.repo, work.run_id, reserved, billed if billed is not None else found_cost)
     pool = pool_of(work.endpoint)
     ctx.caps.accepted(pool, ctx.repo.slots_in_use(pool), ctx.repo.waiting_in_pool(pool))
     ctx.wake.set()
