@@ -232,6 +232,8 @@ def run(
         if sandbox:
             settings = _start_sandbox(stack, settings)
         executor = stack.enter_context(Executor(settings, sandbox=sandbox))
+        if wait and not dry_run:
+            executor.warm_up(stack)  # the worker starts while the run is checked and recorded
         cap = _before_paying(executor, manifest, budget, online_check, force, as_json)
         if dry_run:
             _print_cost(executor.dry_run(manifest), as_json)

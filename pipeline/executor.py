@@ -35,6 +35,7 @@ class Executor:
         self.sandbox = sandbox
         self.embedded = not settings.distributed
         self._ctx: Context | None = None
+        self._worker: runtime.EmbeddedWorker | None = None
         self._stack = ExitStack()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -274,11 +275,18 @@ class Executor:
         except Exception as exc:  # the run is recorded; sweepers find it without the bell
             logger.warning("could not ring the sweeper: %s", exc)
 
+    def warm_up(self, stack: ExitStack) -> None:
+        """Embedded: start the in-process worker now, so it is ready when the run is."""
+        if self.embedded and self._worker is None:
+            self._worker = runtime.EmbeddedWorker(self.settings.worker_concurrency).launch()
+            stack.callback(self._worker.stop)
+
     def start_processing(self, stack: ExitStack) -> None:
         """Embedded: start an in-process worker and sweeper. Distributed: join the sweep."""
         if self.embedded:
-            worker = runtime.EmbeddedWorker(self.settings.worker_concurrency).start()
-            stack.callback(worker.stop)
+            self.warm_up(stack)
+            assert self._worker is not None
+            self._worker.ready()
         sweeper = Sweeper(self.ctx, self.settings.api_url).start()
         stack.callback(sweeper.stop)
 

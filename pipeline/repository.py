@@ -595,12 +595,25 @@ class Repository:
             return row.value if row else None
 
     def set_cursor(self, name: str, value: str) -> None:
+        """Set a named value; safe when several threads or workers set it at once."""
         with self._tx() as s:
-            row = s.get(CursorRow, name)
-            if row is None:
+            changed = s.execute(
+                update(CursorRow)
+                .where(CursorRow.name == name)
+                .values(value=value, updated_at=self.now())
+            ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
+        if changed:
+            return
+        try:
+            with self._tx() as s:
                 s.add(CursorRow(name=name, value=value, updated_at=self.now()))
-            else:
-                row.value = value
+        except IntegrityError:  # another writer created it first: overwrite theirs
+            with self._tx() as s:
+                s.execute(
+                    update(CursorRow)
+                    .where(CursorRow.name == name)
+                    .values(value=value, updated_at=self.now())
+                )
 
     # -- node transitions -----------------------------------------------------------------
 

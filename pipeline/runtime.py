@@ -170,7 +170,16 @@ class EmbeddedWorker:
         )
 
     def start(self, timeout: float = 30.0) -> EmbeddedWorker:
-        self._thread.start()
+        return self.launch().ready(timeout)
+
+    def launch(self) -> EmbeddedWorker:
+        """Start the worker's thread; it gets ready while the caller does other things."""
+        if not self._thread.is_alive():
+            self._thread.start()
+        return self
+
+    def ready(self, timeout: float = 30.0) -> EmbeddedWorker:
+        """Wait until the worker consumes its queue."""
         if not self._started.wait(timeout):
             raise RuntimeError("the embedded worker did not start")
         return self
