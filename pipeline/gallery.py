@@ -37,7 +37,7 @@ def _chain(steps: list[dict[str, Any]]) -> str:
         job = html.escape(str(step.get("job_id") or ""))
         reused = " reused" if step.get("reused") else ""
         parts.append(f'<span class="step{reused}" title="job {job}">{name}</span>')
-    return f'<figcaption>{" → ".join(parts)}</figcaption>'
+    return f"<figcaption>{' → '.join(parts)}</figcaption>"
 
 
 def render(report: dict[str, Any], page: Path) -> str:

@@ -570,8 +570,10 @@ class _Loader:
                 "model in `model` and drop `trained_model`",
             )
         budget = d.get("budget")
-        if isinstance(budget, int | float) and not isinstance(budget, bool) and not (
-            0 < budget < float("inf")
+        if (
+            isinstance(budget, int | float)
+            and not isinstance(budget, bool)
+            and not (0 < budget < float("inf"))
         ):
             self.add(("budget",), f"must be a positive number of creative units, got {budget}")
         if d.get("overwrite", "replace") not in OVERWRITE_MODES:

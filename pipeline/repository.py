@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import Engine, Table, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -52,6 +52,10 @@ from pipeline.scenario import Job, JobStatus
 T = TypeVar("T")
 
 ACTIVE_JOB_STATUSES = [s for s in JobStatus if not s.terminal]
+# Tables for Core bulk inserts (executemany; the ORM's bulk path prepares rows one by one).
+ITEMS = cast(Table, ItemRow.__table__)
+NODES = cast(Table, NodeRow.__table__)
+ITEM_INPUTS = cast(Table, ItemInputRow.__table__)
 
 
 @dataclass(frozen=True)
@@ -292,63 +296,122 @@ class Repository:
                 budget_cu=budget,
             )
             s.add(run)
-            item_rows = []
-            for spec in items:
-                skipped = spec.skipped_from_id is not None
-                item = ItemRow(
-                    run_id=run_id,
-                    manifest_item_id=spec.manifest_item_id,
-                    line=spec.line,
-                    item_key=spec.item_key,
-                    prompt=spec.prompt,
-                    seed=spec.seed,
-                    model=spec.model,
-                    trained_model=spec.trained_model,
-                    params=spec.params,
-                    recipe=spec.recipe | {"force": force, "max_attempts": max_attempts},
-                    status=ItemStatus.SKIPPED if skipped else ItemStatus.PENDING,
-                    skipped_from_id=spec.skipped_from_id,
-                    created_at=now,
-                    updated_at=now,
-                    finished_at=now if skipped else None,
-                )
-                item_rows.append(item)
-            s.add_all(item_rows)
             s.flush()
-            reusable = {} if force else self._reusable(s, [i.generation_key for i in items])
-            for spec, item in zip(items, item_rows, strict=True):
-                for role, path, sha, asset_row_id in spec.inputs:
-                    s.add(
-                        ItemInputRow(
-                            item_id=item.id, role=role, path=path, sha256=sha, asset_id=asset_row_id
-                        )
-                    )
-                if spec.skipped_from_id is not None:
-                    continue
+            # Bulk inserts: a 100,000-item manifest is recorded in seconds, not minutes.
+            item_ids = self._insert_items(s, run_id, items, force, max_attempts, now)
+            inputs = [
+                {"item_id": item_id, "role": role, "path": path, "sha256": sha, "asset_id": row}
+                for spec, item_id in zip(items, item_ids, strict=True)
+                for role, path, sha, row in spec.inputs
+            ]
+            if inputs:
+                s.connection().execute(insert(ITEM_INPUTS), inputs)
+            todo = [
+                (spec, i)
+                for spec, i in zip(items, item_ids, strict=True)
+                if not spec.skipped_from_id
+            ]
+            reusable = {} if force else self._reusable(s, [spec.generation_key for spec, _ in todo])
+            fresh = []
+            for spec, item_id in todo:
                 steps = spec.recipe.get("steps", [])
-                self._add_node(
-                    s,
-                    item,
-                    parent=None,
-                    step=0,
-                    branch=0,
-                    parent_output=None,
-                    node_key=spec.generation_key,
-                    model=spec.model,
-                    endpoint=spec.endpoint,
-                    body=spec.body,
-                    input_asset=None,
-                    expected=spec.generation_outputs,
-                    template=None if steps else spec.recipe.get("output"),
-                    final=not steps,
-                    reused=reusable.get(spec.generation_key),
-                    now=now,
+                template = None if steps else spec.recipe.get("output")
+                reused = reusable.get(spec.generation_key)
+                if reused is not None:  # rare: its chain is created node by node
+                    item = s.get(ItemRow, item_id)
+                    assert item is not None
+                    self._add_node(
+                        s,
+                        item,
+                        parent=None,
+                        step=0,
+                        branch=0,
+                        parent_output=None,
+                        node_key=spec.generation_key,
+                        model=spec.model,
+                        endpoint=spec.endpoint,
+                        body=spec.body,
+                        input_asset=None,
+                        expected=spec.generation_outputs,
+                        template=template,
+                        final=not steps,
+                        reused=reused,
+                        now=now,
+                    )
+                    self._refresh_item(s, item_id, now)
+                    continue
+                state, values = nodes.born(reused_outputs=None, stores_outputs=False, now=now)
+                fresh.append(
+                    {
+                        "run_id": run_id,
+                        "item_id": item_id,
+                        "parent_id": None,
+                        "step": 0,
+                        "branch": 0,
+                        "parent_output": None,
+                        "node_key": spec.generation_key,
+                        "model": spec.model,
+                        "endpoint": spec.endpoint,
+                        "body": spec.body,
+                        "input_asset": None,
+                        "expected_outputs": spec.generation_outputs,
+                        "output_template": template,
+                        "final": not steps,
+                        "state": state,
+                        "attempts": 0,
+                        "max_attempts": max_attempts,
+                        "tries": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                        **values,
+                    }
                 )
-            s.flush()
-            for item in item_rows:
-                self._refresh_item(s, item.id, now)
+            for chunk in _chunks(fresh, 5000):
+                # Core executemany: the ORM's bulk path prepares each row on its own.
+                s.connection().execute(insert(NODES), list(chunk))
             _refresh_run_status(s, run, now)
         return run_id
+
+    @staticmethod
+    def _insert_items(
+        s: Session,
+        run_id: str,
+        items: Sequence[NewItem],
+        force: bool,
+        max_attempts: int,
+        now: datetime,
+    ) -> list[int]:
+        """Insert a run's items in bulk; their ids, in order."""
+        for chunk in _chunks(items, 5000):
+            rows = [
+                {
+                    "run_id": run_id,
+                    "manifest_item_id": spec.manifest_item_id,
+                    "line": spec.line,
+                    "item_key": spec.item_key,
+                    "prompt": spec.prompt,
+                    "seed": spec.seed,
+                    "model": spec.model,
+                    "trained_model": spec.trained_model,
+                    "params": spec.params,
+                    "recipe": spec.recipe | {"force": force, "max_attempts": max_attempts},
+                    "status": ItemStatus.SKIPPED if spec.skipped_from_id else ItemStatus.PENDING,
+                    "skipped_from_id": spec.skipped_from_id,
+                    "created_at": now,
+                    "updated_at": now,
+                    "finished_at": now if spec.skipped_from_id else None,
+                }
+                for spec in chunk
+            ]
+            s.connection().execute(insert(ITEMS), rows)
+        # Ids by the (run, item id) unique key: an INSERT ... RETURNING that keeps the
+        # rows' order runs row by row on SQLite.
+        found = dict(
+            s.execute(
+                select(ItemRow.manifest_item_id, ItemRow.id).where(ItemRow.run_id == run_id)
+            ).all()
+        )
+        return [found[spec.manifest_item_id] for spec in items]
 
     def _reusable(self, s: Session, node_keys: Sequence[str]) -> dict[str, tuple[int, list[str]]]:
         """For node keys that succeeded before: (newest node id, its output asset ids)."""
@@ -991,9 +1054,7 @@ class Repository:
         with self._tx() as s:
             return s.execute(
                 select(func.min(NodeRow.due_at)).where(
-                    NodeRow.state.in_(
-                        [NodeState.PENDING, NodeState.RUNNING, NodeState.COLLECTING]
-                    ),
+                    NodeRow.state.in_([NodeState.PENDING, NodeState.RUNNING, NodeState.COLLECTING]),
                     NodeRow.claimed_until.is_(None),
                 )
             ).scalar_one_or_none()
