@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from celery.schedules import crontab
 
 from pipeline.errors import ConfigError
@@ -38,13 +40,26 @@ def parse_crontab(expression: str) -> crontab:
         raise ValueError(
             f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}"
         )
+    spec = dict(zip(FIELDS, fields, strict=True))
     try:
-        schedule = crontab(**dict(zip(FIELDS, fields, strict=True)))
-        # Celery expands the fields lazily in places: ask it for the next time now.
-        schedule.remaining_estimate(schedule.now())
+        # Some impossible dates ("31 2") only show when Celery computes the next time: ask
+        # it, on a private app (the real one reads these settings while configuring itself).
+        check = crontab(**spec, app=_checking_app())
+        check.remaining_estimate(datetime.now(UTC))
     except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from None
-    return schedule
+    return crontab(**spec)
+
+
+_checker: Celery | None = None
+
+
+def _checking_app() -> Celery:
+    global _checker
+    if _checker is None:
+        _checker = Celery("pipeline-schedule-check", set_as_current=False)
+        _checker.conf.update(timezone="UTC", enable_utc=True)
+    return _checker
 
 
 def crontab_problem(expression: str) -> str | None:

@@ -244,3 +244,21 @@ def test_cancel_stops_a_waited_run_and_its_jobs_on_scenario(
     assert sandbox.stats()["jobs"]["canceled"] == 2
     again = cli("cancel", run_id)
     assert again.code == 0 and "already canceled" in again.stderr
+
+
+def test_the_scheduled_task_records_a_run_per_manifest_like_pipeline_run(
+    cli: Cli, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from pipeline.schedule import start_scheduled_runs
+
+    folder = tmp_path / "nightly"
+    folder.mkdir()
+    write_manifest(folder, ICONS.replace("cursed ", ""), "icons.yaml")
+    write_manifest(folder, SPRITES, "sprites.yaml")
+    for name, value in cli.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    assert start_scheduled_runs(str(folder), timeout=120) == 0
+    latest = cli("status", "--json").json()
+    assert latest["trigger"] == "schedule" and latest["status"] == "succeeded"
+    assert latest["manifest"]["name"] in ("ops-icons", "ops-sprites")
