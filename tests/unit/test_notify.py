@@ -133,3 +133,36 @@ def test_a_closed_port_is_not_an_error() -> None:
         port = s.getsockname()[1]
     assert notify.post(f"http://127.0.0.1:{port}/hook", {"text": "x"}, timeout=1) is False
     assert notify.notify(None, [report()]) is False
+
+
+def test_the_sweeper_announces_only_scheduled_runs_when_they_finish(
+    hook: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import stages
+
+    docs = {
+        "run_a": report() | {"run_id": "run_a", "trigger": "schedule"},
+        "run_b": report() | {"run_id": "run_b", "trigger": "run"},  # its --wait notifies
+    }
+    monkeypatch.setattr(
+        stages.Sweeper, "tick", lambda self: stages.TickReport(finished_runs=["run_a", "run_b"])
+    )
+    monkeypatch.setattr(notify.run_reports, "run_report", lambda repo, run_id: docs[run_id])
+
+    class Ctx:
+        repo = None
+
+    sweeper = notify.NotifyingSweeper(Ctx(), "http://127.0.0.1:1/v1", hook.url)
+    assert sweeper.tick().finished_runs == ["run_a", "run_b"]
+    deadline = time.monotonic() + 5
+    while not hook.bodies and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (body,) = hook.bodies
+    assert [r["run_id"] for r in body["runs"]] == ["run_a"]
+
+    # A database error while reading the runs costs the notification, not the sweep.
+    def broken(repo: Any, run_id: str) -> Any:
+        raise RuntimeError("db down")
+
+    monkeypatch.setattr(notify.run_reports, "run_report", broken)
+    assert sweeper.tick().finished_runs == ["run_a", "run_b"]
