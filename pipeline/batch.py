@@ -93,8 +93,12 @@ def start_runs(
     deadline: timedelta | None = None,
     git_sha: Callable[[Path], str | None] = lambda _path: None,
     trigger: str = "run",
+    budgets: Sequence[float | None] | None = None,
 ) -> list[str]:
-    """Check every manifest against the lineage database, then record one run each."""
+    """Check every manifest against the lineage database, then record one run each.
+
+    `budgets` (one per manifest, in CU) caps each run's spend.
+    """
     problems: list[str] = []
     for manifest in manifests:
         try:
@@ -103,6 +107,7 @@ def start_runs(
             problems.extend(exc.problems)
     if problems:
         raise ManifestError(problems)
+    caps = list(budgets) if budgets is not None else [None] * len(manifests)
     return [
         executor.start_run(
             manifest,
@@ -110,6 +115,7 @@ def start_runs(
             deadline=deadline,
             git_sha=git_sha(manifest.path),
             trigger=trigger,
+            budget=cap,
         )
-        for manifest in manifests
+        for manifest, cap in zip(manifests, caps, strict=True)
     ]

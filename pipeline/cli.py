@@ -2,8 +2,8 @@
 sandbox, db.
 
 Exit codes (interface.md): 0 success; 1 a failed or canceled item (or not found);
-2 invalid input or configuration; 4 a required service could not be reached. Several runs
-exit with the worst of their codes.
+2 invalid input or configuration; 3 over budget (nothing paid); 4 a required service could
+not be reached. Several runs exit with the worst of their codes.
 `--json` prints exactly one JSON document on stdout, errors included
 (`{"error": {"code", "message", "problems"}, "exit_code"}`); logs and progress go to stderr.
 """
@@ -40,6 +40,7 @@ from pipeline.errors import (
 from pipeline.settings import Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 0, 1, 2, 4
+EXIT_OVER_BUDGET = 3  # the plan's priced cost exceeds the budget: nothing was paid
 
 app = typer.Typer(
     name="pipeline",
@@ -56,7 +57,12 @@ logger = logging.getLogger("pipeline")
 
 
 #: What `--json` error documents call each kind of failure (`error.code`).
-_KINDS = {EXIT_FAILED: "failed", EXIT_INVALID: "invalid_input", EXIT_UNAVAILABLE: "unreachable"}
+_KINDS = {
+    EXIT_FAILED: "failed",
+    EXIT_INVALID: "invalid_input",
+    EXIT_OVER_BUDGET: "over_budget",
+    EXIT_UNAVAILABLE: "unreachable",
+}
 
 
 class Exit(Exception):
@@ -190,11 +196,18 @@ def _setup_logging(verbose: bool) -> None:
 
 
 @app.command()
-def validate(files: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
+def validate(
+    files: list[Path] = typer.Argument(..., help="Manifest files to check."),
+    online: bool = typer.Option(
+        False, "--online", help="Also check params against each model's inputs (GET /models)."
+    ),
+    sandbox: bool = typer.Option(False, "--sandbox", help="With --online: use a local sandbox."),
+) -> None:
     """Check manifests offline; print each problem as file:line: field: message.
 
     Output keys are also checked against the configured storage's own key rules
-    (PIPELINE_STORAGE_URL; nothing is contacted).
+    (PIPELINE_STORAGE_URL; nothing is contacted). With --online, params are checked against
+    the models' declared inputs (names, types, ranges, allowed and required values).
     """
     from pipeline.manifest import validate_files
     from pipeline.storage import open_storage
@@ -203,10 +216,33 @@ def validate(files: list[Path] = typer.Argument(..., help="Manifest files to che
     with _errors():
         storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
         problems = validate_files(files, storage.key_problem)
+    if online and not problems:
+        problems = _online_problems(files, settings, sandbox)
     if problems:
         raise Exit(EXIT_INVALID, "\n".join(problems), kind="invalid_input", problems=problems)
     for path in files:
         err.print(f"{path}: ok", markup=False)
+
+
+def _online_problems(files: list[Path], settings: Settings, sandbox: bool) -> list[str]:
+    """validate --online: each manifest's params against its models' declared inputs."""
+    from pipeline import runtime
+    from pipeline.inputs import ModelCache, check_manifest
+    from pipeline.manifest import load_manifest
+    from pipeline.scenario import ScenarioClient
+
+    with _errors(), ExitStack() as stack:
+        if sandbox:
+            settings = _start_sandbox(stack, settings)
+        key, secret = runtime.credentials(settings)
+        client = ScenarioClient(settings.api_url, key, secret, timeout=settings.http_timeout)
+        stack.callback(client.close)
+        describe = ModelCache(client.get_model)
+        return [
+            problem
+            for path in files
+            for problem in check_manifest(load_manifest(path), describe, shown=str(path))
+        ]
 
 
 # -- run ---------------------------------------------------------------------------------
@@ -261,6 +297,12 @@ def run(
     ),
     trigger: str = typer.Option("run", "--trigger", hidden=True),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress details."),
+    budget: float | None = typer.Option(
+        None, "--budget", help="Cap in creative units (overrides the manifest's budget:)."
+    ),
+    online_check: bool = typer.Option(
+        True, "--online-check/--no-online-check", help="Check params against model inputs."
+    ),
 ) -> None:
     """Record a run of each manifest and process their items; prints the run ids."""
     _setup_logging(verbose)
@@ -274,6 +316,11 @@ def run(
         if sandbox:
             settings = _start_sandbox(stack, settings)
         executor = stack.enter_context(Executor(settings, sandbox=sandbox))
+        # Every manifest is checked (inputs, budget) before the first run is recorded.
+        caps = [
+            _before_paying(executor, manifest, budget, online_check, force, as_json)
+            for manifest in manifests
+        ]
         if dry_run:
             costs = [executor.dry_run(manifest) for manifest in manifests]
             _print_cost(costs, as_json)
@@ -285,6 +332,7 @@ def run(
             deadline=deadline_delta,
             git_sha=_git_sha,
             trigger=trigger if trigger in ("run", "schedule") else "run",
+            budgets=caps,
         )
         for manifest, run_id in zip(manifests, run_ids, strict=True):
             err.print(
@@ -292,6 +340,49 @@ def run(
                 markup=False,
             )
         _finish(executor, run_ids, wait, as_json, stack, junit=junit)
+
+
+def _before_paying(
+    executor: Any,
+    manifest: Any,
+    budget: float | None,
+    online_check: bool,
+    force: bool,
+    as_json: bool,
+) -> float | None:
+    """The online input check, then the budget check on the plan; the run's budget."""
+    from pipeline.inputs import ModelCache, check_manifest
+    from pipeline.plan import Planner, over_budget, tables, text_total
+
+    if budget is not None and not budget > 0:
+        raise Exit(EXIT_INVALID, f"error: --budget: must be a positive number, got {budget:g}")
+    if online_check:
+        problems = check_manifest(manifest, ModelCache(executor.ctx.client.get_model))
+        if problems:
+            raise Exit(EXIT_INVALID, "\n".join(problems))
+    cap = budget if budget is not None else manifest.budget
+    if cap is None:
+        return None
+    asset_ids = {sha: asset for sha, (_, asset) in executor._upload_inputs(manifest).items()}
+    planner = Planner(executor.ctx, asset_ids)
+    plan = planner.plan(manifest)
+    if planner.problems:
+        raise Exit(EXIT_INVALID, "\n".join(planner.problems))
+    if force or not over_budget(plan, cap):  # --force: enforced while running only
+        return cap
+    message = (
+        f"error: budget: the run would cost {plan['creative_units']:g} CU, over the budget of "
+        f"{cap:g} CU; nothing was paid (raise --budget or the manifest's budget:)"
+    )
+    doc = {"manifests": [plan], "creative_units": plan["creative_units"]}
+    if as_json:
+        error = {"code": "over_budget", "message": message.removeprefix("error: ")}
+        _print_json({"error": error, "exit_code": EXIT_OVER_BUDGET, "budget": cap, "plan": plan})
+    else:
+        for table in tables(doc | {"priced_at_run_time": plan["priced_at_run_time"]}):
+            err.print(table)
+        err.print(text_total(doc | {"priced_at_run_time": plan["priced_at_run_time"]}))
+    raise Exit(EXIT_OVER_BUDGET, message)
 
 
 def _check_junit(junit: Path | None, wait: bool, settings: Settings) -> None:
@@ -472,6 +563,60 @@ def _print_cost(costs: list[dict[str, Any]], as_json: bool) -> None:
         typer.echo(
             f"{prefix}{cost['items']} items would cost {cost['creative_units']} creative units"
         )
+
+
+# -- plan --------------------------------------------------------------------------------
+
+
+@app.command()
+def plan(
+    paths: list[Path] = typer.Argument(
+        ..., metavar="FILE|DIR...", help="Manifests, or folders of *.yaml/*.yml manifests."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    as_markdown: bool = typer.Option(
+        False, "--markdown", help="Print Markdown (for a pull-request comment)."
+    ),
+    sandbox: bool = typer.Option(False, "--sandbox", help="Use a local Scenario sandbox."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress details."),
+) -> None:
+    """Show what a run of each manifest would do (new, changed, unchanged, removed items;
+    reused and re-run recipe steps) and what it would cost, priced by dry run; pays nothing."""
+    _setup_logging(verbose)
+    from pipeline import plan as planning
+    from pipeline.executor import Executor
+
+    with _errors(), ExitStack() as stack:
+        manifests = planning.load_all(planning.manifest_paths(paths))
+        if not manifests:
+            raise Exit(
+                EXIT_INVALID,
+                "error: no manifests (*.yaml, *.yml) in " + ", ".join(str(p) for p in paths),
+            )
+        settings = _settings()
+        if sandbox:
+            settings = _start_sandbox(stack, settings)
+        executor = stack.enter_context(Executor(settings, sandbox=sandbox))
+        plans, problems = [], []
+        for manifest in manifests:
+            uploaded = executor._upload_inputs(manifest)
+            planner = planning.Planner(
+                executor.ctx, {sha: asset for sha, (_, asset) in uploaded.items()}
+            )
+            plans.append(planner.plan(manifest))
+            problems += planner.problems
+        if problems:
+            raise Exit(EXIT_INVALID, "\n".join(problems))
+    doc = planning.summarize(plans)
+    if as_json:
+        _print_json(doc)
+    elif as_markdown:
+        sys.stdout.write(planning.markdown(doc))
+    else:
+        out = Console(highlight=False)
+        for table in planning.tables(doc):
+            out.print(table)
+        out.print(planning.text_total(doc), markup=False)
 
 
 # -- status / retry / lineage ------------------------------------------------------------

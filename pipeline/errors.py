@@ -80,9 +80,13 @@ class ApiTransientError(TransientError, ApiError):
         *,
         status_code: int | None = None,
         retry_after: float | None = None,
+        concurrency: bool = False,
     ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.status_code = status_code
+        # A generation refused because the plan's parallel-jobs cap is reached: nothing was
+        # created or billed, and the rest of the fleet's requests are not to be slowed.
+        self.concurrency = concurrency
 
 
 class ApiPermanentError(PermanentError, ApiError):

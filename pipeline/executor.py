@@ -140,6 +140,7 @@ class Executor:
         force: bool = False,
         deadline: timedelta | None = None,
         git_sha: str | None = None,
+        budget: float | None = None,
         trigger: str = "run",
     ) -> str:
         """Upload inputs, decide skips, and record the run and its items (one transaction)."""
@@ -173,6 +174,7 @@ class Executor:
             trigger=trigger,
             deadline_at=repo.now() + deadline if deadline else None,
             max_attempts=self.settings.max_job_attempts,
+            budget=budget,
         )
 
     def check(self, manifest: Manifest) -> None:

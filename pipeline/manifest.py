@@ -17,6 +17,7 @@
     output: "{manifest}/{item}/{index}.{ext}"   storage key template of the final outputs
     overwrite: replace             replace (default): a changed item's new outputs replace its
                                    files; never: refuse, as before recipes
+    budget: 40                     optional cap in creative units for one run (pipeline.budget)
     items:                         non-empty list
       - id: iron-sword             required slug, unique in the manifest
         prompt: "..."              required, except for tool models (TOOL_MODELS)
@@ -249,6 +250,7 @@ class Manifest:
     items: tuple[ItemSpec, ...]
     description: str | None = None
     overwrite: str = "replace"
+    budget: float | None = None  # creative units one run may spend at most
     lines: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
     _by_id: dict[str, ItemSpec] = field(init=False, repr=False, compare=False)
 
@@ -329,6 +331,7 @@ class _ManifestModel(_Strict):
     steps: list[_StepModel] = []
     output: str = DEFAULT_TEMPLATE
     overwrite: str = "replace"
+    budget: float | None = None
     items: list[_ItemModel]
 
 
@@ -539,6 +542,7 @@ class _Loader:
             return "unknown field" + _suggest(str(loc[-1]), list(known))
         expected = {
             "int_type": "an integer",
+            "float_type": "a number",
             "string_type": "a string",
             "dict_type": "a mapping",
             "model_type": "a mapping",
@@ -565,6 +569,11 @@ class _Loader:
                 f"with endpoint {endpoint!r} the model runs as body.modelId: put the trained "
                 "model in `model` and drop `trained_model`",
             )
+        budget = d.get("budget")
+        if isinstance(budget, int | float) and not isinstance(budget, bool) and not (
+            0 < budget < float("inf")
+        ):
+            self.add(("budget",), f"must be a positive number of creative units, got {budget}")
         if d.get("overwrite", "replace") not in OVERWRITE_MODES:
             self.add(("overwrite",), f"must be one of {', '.join(OVERWRITE_MODES)}")
         self.check_seed(("seed",), d.get("seed"))
@@ -782,6 +791,7 @@ class _Loader:
             items=tuple(specs),
             description=m.description,
             overwrite=m.overwrite,
+            budget=m.budget,
             lines={self.field_of(loc): line for loc, line in self.lines.items() if loc},
         )
         if not self.problems:

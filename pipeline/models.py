@@ -146,6 +146,12 @@ class RunRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     deadline_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Budgets (pipeline.budget): the cap, CU billed, CU reserved by POSTs in flight, and
+    # when the first submission was refused for the budget (no more are made after it).
+    budget_cu: Mapped[float | None] = mapped_column(Float)
+    spent_cu: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    reserved_cu: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    budget_reached_at: Mapped[datetime | None] = mapped_column()
 
     manifest: Mapped[ManifestRow] = relationship()
     items: Mapped[list[ItemRow]] = relationship(back_populates="run", order_by="ItemRow.id")

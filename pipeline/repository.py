@@ -256,6 +256,7 @@ class Repository:
         git_sha: str | None = None,
         deadline_at: datetime | None = None,
         max_attempts: int = 2,
+        budget: float | None = None,
     ) -> str:
         """Record the manifest, a run, its items and their first nodes in one transaction."""
         run_id = new_run_id()
@@ -288,6 +289,7 @@ class Repository:
                 storage_url=storage_url,
                 created_at=now,
                 deadline_at=deadline_at,
+                budget_cu=budget,
             )
             s.add(run)
             item_rows = []
@@ -663,19 +665,27 @@ class Repository:
         else:
             item.finished_at = None
 
-    def slots_in_use(self) -> int:
-        """Nodes holding a parallel-job slot: being submitted or running remotely."""
-        with self._tx() as s:
-            return int(
-                s.execute(
-                    select(func.count())
-                    .select_from(NodeRow)
-                    .where(NodeRow.state.in_([NodeState.SUBMITTING, NodeState.RUNNING]))
-                ).scalar_one()
-            )
+    def slots_in_use(self, pool: str | None = None) -> int:
+        """Nodes holding a parallel-job slot (being submitted or running remotely)."""
+        return self._count_in_pool([NodeState.SUBMITTING, NodeState.RUNNING], pool)
 
-    def dispatch_pending(self, limit: int) -> list[int]:
-        """Hand up to `limit` due pending nodes to submit tasks; return their ids."""
+    def running_in_pool(self, pool: str) -> int:
+        """Nodes whose job Scenario accepted and has not finished."""
+        return self._count_in_pool([NodeState.RUNNING], pool)
+
+    def waiting_in_pool(self, pool: str) -> bool:
+        """Whether pending nodes of the pool wait for a slot."""
+        with self._tx() as s:
+            query = select(NodeRow.id).where(NodeRow.state == NodeState.PENDING, *_in_pool(pool))
+            return s.execute(query.limit(1)).first() is not None
+
+    def _count_in_pool(self, states: list[NodeState], pool: str | None) -> int:
+        with self._tx() as s:
+            query = select(func.count()).select_from(NodeRow).where(NodeRow.state.in_(states))
+            return int(s.execute(query.where(*_in_pool(pool))).scalar_one())
+
+    def dispatch_pending(self, limit: int, pool: str | None = None) -> list[int]:
+        """Hand up to `limit` due pending nodes (of one pool) to submit tasks; their ids."""
         if limit <= 0:
             return []
         now = self.now()
@@ -687,6 +697,7 @@ class Repository:
                 .where(
                     NodeRow.state == NodeState.PENDING,
                     or_(NodeRow.due_at.is_(None), NodeRow.due_at <= now),
+                    *_in_pool(pool),
                 )
                 .order_by(NodeRow.due_at, NodeRow.id)
                 .limit(limit)
@@ -962,6 +973,18 @@ class Repository:
 
     # -- submit ---------------------------------------------------------------------------
 
+    def next_due(self) -> datetime | None:
+        """The earliest timer of a node the sweeper acts on (pending, running, collecting)."""
+        with self._tx() as s:
+            return s.execute(
+                select(func.min(NodeRow.due_at)).where(
+                    NodeRow.state.in_(
+                        [NodeState.PENDING, NodeState.RUNNING, NodeState.COLLECTING]
+                    ),
+                    NodeRow.claimed_until.is_(None),
+                )
+            ).scalar_one_or_none()
+
     def submit_work(self, node_id: int) -> SubmitWork | None:
         with self._tx() as s:
             node = s.get(NodeRow, node_id)
@@ -1030,8 +1053,12 @@ class Repository:
                 return None
             node = s.get(NodeRow, node_id)
             assert node is not None
-            s.refresh(node)
-            job = JobRow(node_id=node_id, attempt=node.attempts, model=node.model, intent_at=now)
+            # Job rows number every POST, refused ones too (a 429 leaves its row behind and
+            # does not count as an attempt), so the number is not `attempts`.
+            number = s.execute(
+                select(func.coalesce(func.max(JobRow.attempt), 0)).where(JobRow.node_id == node_id)
+            ).scalar_one()
+            job = JobRow(node_id=node_id, attempt=number + 1, model=node.model, intent_at=now)
             s.add(job)
             s.flush()
             return job.id
@@ -1239,6 +1266,15 @@ def _values(change: Change) -> dict[str, Any]:
         column = getattr(NodeRow, name)
         values[name] = column + value.by if isinstance(value, Inc) else value
     return values
+
+
+def _in_pool(pool: str | None) -> list[Any]:
+    """Nodes counted against one of the plan's caps (see `pipeline.capacity.pool_of`)."""
+    if pool is None:
+        return []
+    if pool == "custom":
+        return [NodeRow.endpoint == "custom"]
+    return [NodeRow.endpoint != "custom"]
 
 
 def _guard_redispatchable(now: datetime) -> list[Any]:

@@ -17,6 +17,7 @@ from kombu.exceptions import KombuError, OperationalError
 from sqlalchemy import Engine
 
 from pipeline import db
+from pipeline.capacity import CapacityStore
 from pipeline.celery_app import app, configure
 from pipeline.errors import ConfigError
 from pipeline.governor import make_governor
@@ -41,8 +42,6 @@ def tuning_from(settings: Settings) -> Tuning:
         parallel_jobs=settings.parallel_jobs,
         lease_seconds=settings.lease_seconds,
         list_interval=settings.poll_interval,
-        # Collecting later costs no slot (the job is done); batching saves get-bulk calls.
-        collect_delay=3 * settings.poll_interval,
         tick=settings.sweep_tick,
     )
 
@@ -89,7 +88,12 @@ def build_context(s: Settings, tuning: Tuning, engine: Engine | None = None) -> 
     )
     repo = Repository(engine or db.make_engine(s.database_url))
     return Context(
-        repo=repo, client=client, storage=storage, dispatch=CeleryDispatcher(), tuning=tuning
+        repo=repo,
+        client=client,
+        storage=storage,
+        dispatch=CeleryDispatcher(),
+        tuning=tuning,
+        capacity=CapacityStore(repo, urlsplit(s.api_url).netloc, key),
     )
 
 

@@ -254,6 +254,16 @@ def _body_fields(response: httpx.Response) -> tuple[str, str | None, str | None]
     return text[:200] or response.reason_phrase, None, None
 
 
+_RATE_WORDS = re.compile(r"rate|too many requests", re.I)
+
+
+def _refused_for_concurrency(method: str, path: str, message: str, name: str | None) -> bool:
+    """A 429 on a generation is the plan's parallel-jobs cap (API.md), unless it says rate."""
+    if method != "POST" or not path.startswith("/generate/"):
+        return False
+    return not _RATE_WORDS.search(f"{name or ''} {message}")
+
+
 def error_for_response(
     method: str, path: str, response: httpx.Response, scrub: Callable[[str], str] = str
 ) -> PipelineError | None:
@@ -274,7 +284,10 @@ def error_for_response(
         transient = True
     if transient:
         return ApiTransientError(
-            text, status_code=status, retry_after=parse_retry_after(response.headers)
+            text,
+            status_code=status,
+            retry_after=parse_retry_after(response.headers),
+            concurrency=status == 429 and _refused_for_concurrency(method, path, message, name),
         )
     return ApiPermanentError(text, status_code=status, name=name, hint=hint)
 
@@ -396,7 +409,9 @@ class ScenarioClient:
         error = error_for_response(method, path, response, self._scrub)
         if error is None:
             return response
-        if response.status_code == 429:
+        if response.status_code == 429 and not getattr(error, "concurrency", False):
+            # A rate limit: the whole fleet slows down. A concurrency refusal is not about
+            # request rate; pausing polls and downloads for it would only lose time.
             self._governor.penalize(getattr(error, "retry_after", None))
         raise error
 
@@ -657,6 +672,26 @@ class ScenarioClient:
                 found[asset.id] = asset
         ordered = [found.pop(a) for a in wanted if a in found]
         return ordered + list(found.values())
+
+    def plan_limits(self) -> dict[str, int] | None:
+        """The plan's parallel-job caps {"custom": n, "inference": m}, when the key may read
+        them (GET /teams, then GET /teams/{teamId}/limits; not in the Swagger, in the SDK)."""
+        try:
+            teams = self._call("GET", "/teams", retry=True).get("teams") or []
+            team = next((t.get("id") for t in teams if isinstance(t, dict) and t.get("id")), None)
+            if not isinstance(team, str):
+                return None
+            path = f"/teams/{quote(team, safe='')}/limits"
+            limits = self._call("GET", path, retry=True).get("limits") or {}
+        except (ApiPermanentError, ApiTransientError):
+            return None  # no access (403), not there (404), or not now: learn them instead
+        names = (("custom", "parallelCustomJobs"), ("inference", "parallelInferences"))
+        found = {
+            pool: int(limits[name])
+            for pool, name in names
+            if isinstance(limits.get(name), int | float) and limits[name] >= 1
+        }
+        return found or None
 
     def get_model(self, model_id: str) -> dict[str, Any]:
         """A model's description, including its `inputs`."""

@@ -84,13 +84,17 @@ class Settings(BaseSettings):
 
     # Fleet-wide limits, enforced by the governor (Redis when distributed). Every number
     # is finite, positive and bounded: `inf` or 1e23 would overflow timers and kill loops.
-    parallel_jobs: int = Field(4, ge=1, le=10_000, validation_alias="PIPELINE_PARALLEL_JOBS")
+    # A ceiling only: the plan's cap is read or learned (pipeline.capacity).
+    parallel_jobs: int | None = Field(
+        None, ge=1, le=10_000, validation_alias="PIPELINE_PARALLEL_JOBS"
+    )
     requests_per_second: float = Field(
         10.0, gt=0, le=10_000, allow_inf_nan=False, validation_alias="PIPELINE_REQUESTS_PER_SECOND"
     )
     max_job_attempts: int = Field(2, ge=1, le=100, validation_alias="PIPELINE_MAX_JOB_ATTEMPTS")
-    poll_interval: float = Field(
-        1.0, gt=0, le=3600, allow_inf_nan=False, validation_alias="PIPELINE_POLL_INTERVAL"
+    # None: derived from the learned job durations (see stages.list_interval).
+    poll_interval: float | None = Field(
+        None, gt=0, le=3600, allow_inf_nan=False, validation_alias="PIPELINE_POLL_INTERVAL"
     )
     http_timeout: float = Field(
         30.0, gt=0, le=3600, allow_inf_nan=False, validation_alias="PIPELINE_HTTP_TIMEOUT"

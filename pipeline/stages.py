@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pipeline import nodes
+from pipeline import budget, nodes
+from pipeline.capacity import POOLS, CapacityStore, pool_of
 from pipeline.errors import (
     ApiPermanentError,
     ApiTransientError,
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 SWEEPER_LEASE = "sweeper"
 POLL_CAP = 30.0  # never leave a job unlooked-at longer than this
+LIST_INTERVAL_MIN = 0.1
+LIST_INTERVAL_MAX = 1.0
+SWEEP_MIN_SLEEP = 0.02
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -56,10 +60,12 @@ class Dispatcher(Protocol):
 class Tuning:
     """Timing knobs. Defaults suit the real API; tests and benchmarks scale them down."""
 
-    parallel_jobs: int = 4
+    parallel_jobs: int | None = None  # a ceiling; the cap itself is learned (pipeline.capacity)
     lease_seconds: float = 90.0  # a task holding a node longer than this is presumed dead
     max_dispatches: int = 12  # poison guard: tasks handed out for one node before it fails
-    list_interval: float = 1.0  # least time between two GET /jobs list polls
+    # Least time between two GET /jobs list polls; None: a tenth of the shortest expected
+    # job duration in flight, within [LIST_INTERVAL_MIN, LIST_INTERVAL_MAX].
+    list_interval: float | None = None
     list_overlap: float = 10.0  # updatedAfter margin for clock skew and late writes
     list_max_pages: int = 10  # beyond this, fall back to per-job polls for due jobs
     direct_polls_per_tick: int = 25
@@ -67,10 +73,10 @@ class Tuning:
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
     collect_batch: int = 25  # nodes per collect task (one get-bulk for all their assets)
-    collect_delay: float = 1.0  # gather finished nodes this long into one collect task
+    collect_delay: float = 0.25  # gather finished nodes this long into one collect task
     coalesce_fraction: float = 0.05  # of a job's expected duration, to batch list polls
     download_attempts: int = 4
-    tick: float = 0.5  # the sweeper's idle wake-up period
+    tick: float = 0.5  # the sweeper's longest sleep; it wakes sooner when a timer is due
     backoff: Backoff = field(
         default_factory=lambda: Backoff(initial=1.0, multiplier=2.0, maximum=60.0, max_attempts=12)
     )
@@ -98,10 +104,19 @@ class Context:
     worker: str = field(default_factory=lambda: f"w-{uuid.uuid4().hex[:10]}")
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
+    capacity: CapacityStore | None = None
+    wake: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.repo.policy = self.tuning.policy()
         self.repo.rng = self.rng
+        if self.capacity is None:
+            self.capacity = CapacityStore(self.repo, api_host="", api_key="")
+
+    @property
+    def caps(self) -> CapacityStore:
+        assert self.capacity is not None
+        return self.capacity
 
     def now(self) -> datetime:
         return self.repo.now()
@@ -135,6 +150,7 @@ def submit_node(ctx: Context, node_id: int) -> str:
             return "auth-failed"
         if found is not None:
             _record_accepted(ctx, work.open_intent_id, work.model, found, found.cost)
+            budget.settle(ctx.repo, work.run_id, 0.0, found.cost)
             logger.info("node %s: reconciled with existing job %s", node_id, found.id)
             return "reconciled"
         row_id = work.open_intent_id
@@ -148,6 +164,9 @@ def submit_node(ctx: Context, node_id: int) -> str:
         if intent is None:
             return "claim-lost"
         row_id = intent
+    reserved = budget.gate(ctx, work, owner, row_id)  # a run's budget: reserve or refuse
+    if isinstance(reserved, budget.Refused):
+        return reserved.outcome
 
     def still_ours() -> None:
         # Our claim may have run out while we reconciled or waited for the governor, and
@@ -157,10 +176,12 @@ def submit_node(ctx: Context, node_id: int) -> str:
         if not ctx.repo.transition(node_id, nodes.Renew(owner)):
             raise _ClaimLost(node_id)
 
+    sent_at = ctx.now().timestamp()
     try:
-        submission = ctx.client.generate(
-            work.model, work.body, endpoint=work.endpoint, before_send=still_ours
-        )
+        with budget.held(ctx.repo, work.run_id, reserved):  # released unless accepted
+            submission = ctx.client.generate(
+                work.model, work.body, endpoint=work.endpoint, before_send=still_ours
+            )
     except _ClaimLost:
         logger.info("node %s: claim lost before the POST; another worker has it", node_id)
         return "claim-lost"
@@ -169,8 +190,16 @@ def submit_node(ctx: Context, node_id: int) -> str:
         ctx.repo.fail_run(work.run_id, _auth_message(exc))
         return "auth-failed"
     except ApiTransientError as exc:
+        if exc.concurrency:
+            # The plan's parallel-jobs cap: nothing was created or billed. The cap is lower
+            # than we thought; the node goes back to wait for a slot, no one else waits.
+            pool = pool_of(work.endpoint)
+            refused_at = ctx.now().timestamp()
+            ctx.caps.refused(pool, ctx.repo.running_in_pool(pool), sent_at, refused_at)
+            ctx.repo.record_refused(row_id, nodes.Throttled(0.0, str(exc)))
+            return "throttled"
         if exc.status_code == 429:
-            # Refused by a limit: nothing was created or billed, so no reconciliation.
+            # Refused by the rate limit: nothing was created or billed, so no reconciliation.
             ctx.repo.record_refused(row_id, nodes.Throttled(exc.retry_after, str(exc)))
             return "throttled"
         # 5xx, reset or timeout: the job may exist. Keep the intent; the next try reconciles.
@@ -180,6 +209,12 @@ def submit_node(ctx: Context, node_id: int) -> str:
         ctx.repo.record_refused(row_id, nodes.Refused(str(exc), exc.hint))
         return "rejected"
     _record_accepted(ctx, row_id, work.model, submission.job, submission.creative_units)
+    found_cost = submission.job.cost
+    billed = submission.creative_units
+    budget.settle(ctx.repo, work.run_id, reserved, billed if billed is not None else found_cost)
+    pool = pool_of(work.endpoint)
+    ctx.caps.accepted(pool, ctx.repo.slots_in_use(pool), ctx.repo.waiting_in_pool(pool))
+    ctx.wake.set()
     return "submitted"
 
 
@@ -278,7 +313,7 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     if now < earliest + timedelta(seconds=window):
         return report
     mono = time.monotonic()
-    if mono - state.last_list_at < ctx.tuning.list_interval:
+    if mono - state.last_list_at < list_interval(ctx, state, jobs):
         return report
     state.last_list_at = mono
     by_id = {j.scenario_job_id: j for j in jobs}
@@ -350,6 +385,20 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     return report
 
 
+def list_interval(ctx: Context, state: SweeperState, jobs: Sequence[InFlightJob]) -> float:
+    """The least time between two list polls: a tenth of the shortest job in flight.
+
+    A 2 s tool job is then noticed within 0.2 s of finishing and a 40 s generation costs no
+    more than one list call a second, whatever the number of jobs in flight.
+    """
+    if ctx.tuning.list_interval is not None:
+        return ctx.tuning.list_interval
+    durations = [d for d in (state.expected(ctx, m) for m in {j.model for j in jobs}) if d]
+    if not durations:
+        return LIST_INTERVAL_MIN * 5
+    return min(max(0.1 * min(durations), LIST_INTERVAL_MIN), LIST_INTERVAL_MAX)
+
+
 def _straggling(ctx: Context, state: SweeperState, job: InFlightJob, now: datetime) -> bool:
     """A job running three times longer than its model's jobs usually take."""
     expected = state.expected(ctx, job.model) or ctx.tuning.straggler_default
@@ -374,6 +423,7 @@ class SweeperState:
 
     api_host: str
     last_list_at: float = float("-inf")
+    limits_read: bool = False  # the plan's caps are read once per sweeper, when allowed
     expected_cache: dict[str, tuple[float, float | None]] = field(default_factory=dict)
 
     def expected(self, ctx: Context, model: str) -> float | None:
@@ -423,7 +473,15 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         ctx.dispatch.collect(to_collect[start : start + tuning.collect_batch])
     report.collected = len(to_collect)
     resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)
-    fresh = ctx.repo.dispatch_pending(tuning.parallel_jobs - ctx.repo.slots_in_use())
+    if not state.limits_read:
+        state.limits_read = True
+        limits = ctx.client.plan_limits()
+        if limits:
+            ctx.caps.known(limits)
+    fresh = []
+    for pool in POOLS:
+        limit = ctx.caps.get(pool).limit(tuning.parallel_jobs)
+        fresh += ctx.repo.dispatch_pending(limit - ctx.repo.slots_in_use(pool), pool)
     for node_id in resubmit + fresh:
         ctx.dispatch.submit(node_id)
     report.submitted = len(resubmit) + len(fresh)
@@ -460,6 +518,9 @@ class Sweeper:
         self.state = SweeperState(api_host=urlsplit(api_url).netloc)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Tasks in this process ring it when they change what the sweeper acts on (a job
+        # accepted, outputs stored): the next sweep starts at once, not at the next tick.
+        self.wake = ctx.wake
 
     def tick(self) -> TickReport:
         try:
@@ -479,12 +540,25 @@ class Sweeper:
     def run(self) -> None:
         while not self._stop.is_set():
             report = self.tick()
-            busy = report.submitted or report.collected or report.poll.list_calls
-            self._stop.wait(self.ctx.tuning.tick / 5 if busy else self.ctx.tuning.tick)
+            self.wake.wait(self._sleep_after(report))
+            self.wake.clear()
         try:  # let another sweeper take over at once rather than after the lease
             self.ctx.repo.release_lease(SWEEPER_LEASE, self.ctx.worker)
         except TransientError as exc:
             logger.warning("could not release the sweeper lease: %s", exc)
+
+    def _sleep_after(self, report: TickReport) -> float:
+        """Until the next timer is due, within [SWEEP_MIN_SLEEP, tick]."""
+        tick = self.ctx.tuning.tick
+        if report.submitted or report.collected or report.poll.finished:
+            return SWEEP_MIN_SLEEP
+        try:
+            due = self.ctx.repo.next_due()
+        except TransientError:
+            return tick
+        if due is None:
+            return tick
+        return min(max((due - self.ctx.now()).total_seconds(), SWEEP_MIN_SLEEP), tick)
 
     def start(self) -> Sweeper:
         self._thread = threading.Thread(target=self.run, name="pipeline-sweeper", daemon=True)
@@ -493,6 +567,7 @@ class Sweeper:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -547,6 +622,7 @@ def collect_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
             continue
         ctx.repo.transition(work.node_id, nodes.Stored(owner))
         results[work.node_id] = "succeeded"
+    ctx.wake.set()
     return results
 
 

@@ -473,3 +473,22 @@ def test_an_intermediate_step_is_stored_only_where_it_has_an_output(
         "stages/item-0/cutout/0.png",
         "stages/item-0/cutout/1.png",
     ]
+
+
+def test_the_plans_cap_is_learned_without_being_configured(ctx: Context, sandbox: Sandbox) -> None:
+    """P is unknown to the pipeline: it grows until the API refuses, then holds there."""
+    sandbox.configure(parallel_jobs=6, latency=0.4)
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=None)
+    run_id = record(ctx, [f"icon {n}" for n in range(30)])
+    drain(ctx, SweeperState(api_host="sandbox"), timeout=60)
+    assert report_of(ctx, run_id)["status"] == "succeeded"
+    stats = sandbox.stats()
+    assert stats["jobs_created"] == 30 and stats["duplicate_submissions"] == 0
+    assert 1 <= stats["responses_429"]["parallel"] <= 6
+    assert ctx.caps.get("custom").value in (6, 7)  # 7: probing again after many rounds
+    # The next run of the same key starts at the learned cap: a probe at most.
+    refused = stats["responses_429"]["parallel"]
+    second = record(ctx, [f"again {n}" for n in range(12)])
+    drain(ctx, SweeperState(api_host="sandbox"), timeout=60)
+    assert report_of(ctx, second)["status"] == "succeeded"
+    assert sandbox.stats()["responses_429"]["parallel"] <= refused + 1

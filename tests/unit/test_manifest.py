@@ -270,7 +270,7 @@ def test_unknown_keys_at_top_level_and_in_an_item(tmp_path: Path) -> None:
     )
     assert problems(path) == [
         f"{path}:4: colour: unknown field; allowed: version, name, description, model, "
-        "endpoint, trained_model, seed, params, steps, output, overwrite, items",
+        "endpoint, trained_model, seed, params, steps, output, overwrite, budget, items",
         f"{path}:6: items[0].prompt: required field is missing",
         f"{path}:7: items[0].promt: unknown field (did you mean 'prompt'?)",
     ]
@@ -543,3 +543,15 @@ def test_template_is_checked_even_without_items(tmp_path: Path) -> None:
         f"{path}:4: output: must contain {{item}} or {{item_key}}, "
         "or all items write to the same keys",
     ]
+
+
+def test_budget_is_a_positive_number_of_creative_units(tmp_path: Path) -> None:
+    base = "name: m\nmodel: model_x\nseed: 1\nbudget: {}\nitems:\n  - id: a\n    prompt: p\n"
+    assert load_manifest(write(tmp_path, base.format("12.5"))).budget == 12.5
+    for value, message in (
+        ("0", "must be a positive number of creative units, got 0"),
+        ("-3", "must be a positive number of creative units, got -3"),
+        ('"40"', "expected a number, got a string ('40')"),
+    ):
+        path = write(tmp_path, base.format(value))
+        assert problems(path) == [f"{path}:4: budget: {message}"]

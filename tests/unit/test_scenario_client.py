@@ -478,15 +478,37 @@ def test_parse_retry_after_http_date() -> None:
     assert parse_retry_after({"Retry-After": past}, now=now) == 0.0
 
 
-def test_429_penalizes_the_governor_with_retry_after() -> None:
+def test_a_rate_limit_429_penalizes_the_governor_with_retry_after() -> None:
     governor = NullGovernor()
-    response = httpx.Response(429, json={"message": "slow down"}, headers={"Retry-After": "4"})
+    response = httpx.Response(
+        429,
+        json={"message": "Too Many Requests: rate limit exceeded"},
+        headers={"Retry-After": "4"},
+    )
     client, _ = make_client(Recorder(response), governor=governor)
     with pytest.raises(ApiTransientError) as caught:
         client.generate("model_x", {})
-    assert caught.value.retry_after == 4.0
+    assert caught.value.retry_after == 4.0 and not caught.value.concurrency
     assert governor.penalties == [4.0]
     assert governor.acquired == 1
+    with pytest.raises(ApiTransientError):
+        client.get_job("job_1")  # a 429 on a read is always the rate limit
+    assert governor.penalties == [4.0, 4.0]
+
+
+def test_a_generation_refused_for_concurrency_slows_no_one_else() -> None:
+    """API.md: a 429 on a generation is the plan's parallel-jobs cap, not the request rate."""
+    governor = NullGovernor()
+    response = httpx.Response(
+        429,
+        json={"message": "Too many running jobs: parallel jobs limit (8) reached"},
+        headers={"Retry-After": "4"},
+    )
+    client, _ = make_client(Recorder(response), governor=governor)
+    with pytest.raises(ApiTransientError) as caught:
+        client.generate("model_x", {}, endpoint="txt2img")
+    assert caught.value.concurrency
+    assert governor.penalties == []
 
 
 # ---------------------------------------------------------------- retries

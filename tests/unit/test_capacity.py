@@ -1,0 +1,70 @@
+"""Learning the plan's parallel-jobs cap from what the API accepts and refuses."""
+
+from __future__ import annotations
+
+from pipeline.capacity import INITIAL, ROUNDS_PER_PROBE, Cap, CapacityStore, cursor_name, pool_of
+
+
+class Cursors(dict[str, str]):
+    def get_cursor(self, name: str) -> str | None:
+        return self.get(name)
+
+    def set_cursor(self, name: str, value: str) -> None:
+        self[name] = value
+
+
+def test_an_unknown_plan_starts_small_and_doubles_per_round_while_work_waits() -> None:
+    cap = Cap()
+    assert cap.limit(None) == INITIAL
+    assert cap.accepted(INITIAL, waiting=False) == cap  # no demand, no evidence
+    for _ in range(INITIAL):
+        cap = cap.accepted(INITIAL, waiting=True)
+    assert cap.value == 2 * INITIAL
+
+
+def test_a_refusal_sets_the_cap_to_what_was_running_then_probing_slows_down() -> None:
+    cap = Cap(value=12).refused_at(running=8, sent_at=100.0, now=101.0)
+    assert (cap.value, cap.refused, cap.lowered_at) == (8, True, 101.0)
+    # The rest of the burst, sent under the cap of 12, is refused too: that is no news.
+    assert cap.refused_at(running=8, sent_at=100.5, now=101.2) == cap
+    for _ in range(ROUNDS_PER_PROBE * 8 - 1):
+        cap = cap.accepted(8, waiting=True)
+    assert cap.value == 8  # one refusal costs at most one retry per ROUNDS_PER_PROBE rounds
+    assert cap.accepted(8, waiting=True).value == 9
+    assert cap.accepted(5, waiting=True).value == 8  # a free slot: nothing learnt
+    assert Cap().refused_at(running=0, sent_at=0, now=1).value == 1  # never below one
+    # Jobs we have not yet seen finish inflate `running`: a submission sent under the
+    # lowered cap and refused still lowers it, so it settles on the API's.
+    later = Cap(value=7, refused=True, lowered_at=101.0).refused_at(9, sent_at=102, now=103)
+    assert later.value == 6
+
+
+def test_a_known_cap_is_never_probed_and_the_ceiling_always_wins() -> None:
+    cap = Cap(value=10, known=True)
+    assert cap.accepted(10, waiting=True) == cap
+    assert cap.limit(ceiling=6) == 6 and cap.limit(ceiling=None) == 10
+    assert cap.refused_at(7, 0, 1) == Cap(value=7, refused=True, lowered_at=1)
+    assert cap.refused_at(12, 0, 1) == Cap(value=9, refused=True, lowered_at=1)
+
+
+def test_caps_are_kept_per_api_key_and_pool_without_the_key_itself() -> None:
+    cursors = Cursors()
+    store = CapacityStore(cursors, "api.example", "secret-key-123")
+    store.known({"custom": 10, "inference": 3})
+    store.refused("inference", running=2, sent_at=0.0, now=1.0)
+    other = CapacityStore(cursors, "api.example", "another-key")
+    assert store.get("custom").value == 10 and store.get("inference").value == 2
+    assert other.get("custom") == Cap()
+    assert all(
+        "secret-key-123" not in name and "secret" not in value for name, value in cursors.items()
+    )
+    assert cursor_name("h", "k", "custom") != cursor_name("h", "k", "inference")
+
+
+def test_a_damaged_stored_value_falls_back_to_the_default() -> None:
+    assert Cap.loads("{not json") == Cap() and Cap.loads('{"value": "x"}') == Cap()
+
+
+def test_pools_follow_the_endpoint() -> None:
+    assert pool_of("custom") == "custom"
+    assert pool_of("txt2img") == pool_of("remove-background") == "inference"
