@@ -151,6 +151,7 @@ def test_the_sweeper_announces_only_scheduled_runs_when_they_finish(
 
     class Ctx:
         repo = None
+        wake = threading.Event()
 
     sweeper = notify.NotifyingSweeper(Ctx(), "http://127.0.0.1:1/v1", hook.url)
     assert sweeper.tick().finished_runs == ["run_a", "run_b"]
