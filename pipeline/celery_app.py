@@ -56,9 +56,13 @@ def celery_config(broker_url: str) -> dict[str, Any]:
 def _settings_from_environment(sender: Celery, **_: Any) -> None:
     """`celery -A pipeline.celery_app worker` reads PIPELINE_BROKER_URL, as `pipeline worker`
     does (pending defaults: an explicit `configure()` still wins)."""
+    from pipeline.schedule import beat_schedule
     from pipeline.settings import Settings
 
-    sender.add_defaults(celery_config(Settings().broker_url))
+    settings = Settings()
+    sender.add_defaults(celery_config(settings.broker_url))
+    # `celery -A pipeline.celery_app beat` runs PIPELINE_SCHEDULE (see pipeline/schedule.py).
+    sender.add_defaults({"beat_schedule": beat_schedule(settings)})
     _tolerate_lost_unacked_restore()
 
 

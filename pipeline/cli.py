@@ -1,9 +1,11 @@
-"""The `pipeline` command: validate, run, status, retry, lineage, worker, sandbox, db.
+"""The `pipeline` command: validate, run, status, retry, cancel, lineage, worker, scheduler,
+sandbox, db.
 
 Exit codes (interface.md): 0 success; 1 a failed or canceled item (or not found);
 2 invalid input or configuration; 3 over budget (nothing paid); 4 a required service could
-not be reached.
-`--json` prints exactly one JSON document on stdout; logs and progress go to stderr.
+not be reached. Several runs exit with the worst of their codes.
+`--json` prints exactly one JSON document on stdout, errors included
+(`{"error": {"code", "message", "problems"}, "exit_code"}`); logs and progress go to stderr.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 from pydantic import SecretStr
 from rich.console import Console
 
-from pipeline import db, gallery, reports
+from pipeline import batch, db, gallery, reports
 from pipeline.errors import (
     AuthError,
     ConfigError,
@@ -53,23 +56,91 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 logger = logging.getLogger("pipeline")
 
 
-class Exit(Exception):
-    """Leave the CLI with a code after printing one clear line."""
+#: What `--json` error documents call each kind of failure (`error.code`).
+_KINDS = {
+    EXIT_FAILED: "failed",
+    EXIT_INVALID: "invalid_input",
+    EXIT_OVER_BUDGET: "over_budget",
+    EXIT_UNAVAILABLE: "unreachable",
+}
 
-    def __init__(self, code: int, message: str | None = None) -> None:
+
+class Exit(Exception):
+    """Leave the CLI with a code after printing one clear line.
+
+    `kind` names the failure in a `--json` error document; `problems` are its lines
+    (`file:line: field: message` for manifests).
+    """
+
+    def __init__(
+        self,
+        code: int,
+        message: str | None = None,
+        *,
+        kind: str | None = None,
+        problems: list[str] | None = None,
+    ) -> None:
         super().__init__(message or "")
         self.code = code
         self.message = message
+        self.kind = kind or _KINDS.get(code, "error")
+        self.problems = problems if problems is not None else (message or "").splitlines()
+
+
+_json_printed = False
+# Typer (>= 0.17) vendors Click: its exceptions are not `click`'s.
+_USAGE_ERRORS = tuple(
+    {click.ClickException, getattr(typer, "TyperException", click.ClickException)}
+)
+_ABORTS = tuple({click.Abort, getattr(typer, "Abort", click.Abort)})
+
+
+def _json_mode(argv: list[str]) -> bool:
+    return "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
 
 
 def main() -> None:
-    """Console-script entry point: one line per error, no tracebacks for known failures."""
+    """Console-script entry point: one line per error, no tracebacks for known failures.
+
+    With `--json`, stdout gets exactly one JSON document in every case: the command's, or
+    an error document when it failed before printing one (a usage error included).
+    """
+    as_json = _json_mode(sys.argv[1:])
     try:
-        app()
+        if not as_json:
+            app()
+            return
+        code = app(standalone_mode=False)
     except Exit as exc:
-        if exc.message:
+        if as_json and not _json_printed:
+            _print_error(exc)
+        elif exc.message:
             err.print(exc.message, markup=False)
         sys.exit(exc.code)
+    except _ABORTS:
+        _print_error(Exit(EXIT_FAILED, "aborted", kind="aborted"))
+        sys.exit(EXIT_FAILED)
+    except _USAGE_ERRORS as exc:
+        # Only with --json (standalone mode prints and exits by itself): a usage error.
+        code = int(getattr(exc, "exit_code", EXIT_INVALID))
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _print_error(Exit(code, f"error: {message}", kind="usage"))
+        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _print_error(exc: Exit) -> None:
+    """The `--json` error document (the human line still goes to stderr)."""
+    if exc.message:
+        err.print(exc.message, markup=False)
+    first = exc.problems[0] if exc.problems else (exc.message or "")
+    message = first if len(exc.problems) <= 1 else f"{len(exc.problems)} problems: {first}"
+    _print_json(
+        {
+            "error": {"code": exc.kind, "message": message, "problems": exc.problems},
+            "exit_code": exc.code,
+        }
+    )
 
 
 @contextmanager
@@ -80,21 +151,26 @@ def _errors() -> Iterator[None]:
     except Exit:
         raise
     except ManifestError as exc:
-        raise Exit(EXIT_INVALID, "\n".join(exc.problems)) from None
+        raise Exit(
+            EXIT_INVALID, "\n".join(exc.problems), kind="invalid_input", problems=exc.problems
+        ) from None
     except AuthError as exc:
         raise Exit(
             EXIT_INVALID,
             f"error: Scenario refused the credentials: {exc}. "
             "Check SCENARIO_API_KEY and SCENARIO_API_SECRET.",
+            kind="credentials",
         ) from None
     except ConfigError as exc:
-        raise Exit(EXIT_INVALID, f"error: {exc}") from None
+        message = str(exc)
+        kind = "credentials" if "credentials are not set" in message else "configuration"
+        raise Exit(EXIT_INVALID, f"error: {message}", kind=kind) from None
     except ServiceUnavailable as exc:
-        raise Exit(EXIT_UNAVAILABLE, f"error: {exc}") from None
+        raise Exit(EXIT_UNAVAILABLE, f"error: {exc}", kind="unreachable") from None
     except TransientError as exc:
-        raise Exit(EXIT_UNAVAILABLE, f"error: {exc}") from None
+        raise Exit(EXIT_UNAVAILABLE, f"error: {exc}", kind="unreachable") from None
     except PipelineError as exc:
-        raise Exit(EXIT_INVALID, f"error: {exc}") from None
+        raise Exit(EXIT_INVALID, f"error: {exc}", kind="error") from None
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -102,7 +178,7 @@ def _settings(**overrides: Any) -> Settings:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        raise Exit(EXIT_INVALID, f"error: {exc}") from None
+        raise Exit(EXIT_INVALID, f"error: {exc}", kind="configuration") from None
     return settings.model_copy(update=overrides) if overrides else settings
 
 
@@ -143,7 +219,7 @@ def validate(
     if online and not problems:
         problems = _online_problems(files, settings, sandbox)
     if problems:
-        raise Exit(EXIT_INVALID, "\n".join(problems))
+        raise Exit(EXIT_INVALID, "\n".join(problems), kind="invalid_input", problems=problems)
     for path in files:
         err.print(f"{path}: ok", markup=False)
 
@@ -199,7 +275,11 @@ def _git_sha(path: Path) -> str | None:
 
 @app.command()
 def run(
-    manifest_file: Path = typer.Argument(..., metavar="FILE", help="The manifest to run."),
+    manifest_files: list[Path] = typer.Argument(
+        ...,
+        metavar="FILE|DIR...",
+        help="Manifests to run, one run each (a folder: its *.yaml and *.yml files).",
+    ),
     wait: bool = typer.Option(False, "--wait", help="Wait until every item is final."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     sandbox: bool = typer.Option(
@@ -212,6 +292,10 @@ def run(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate against the API and print the cost; run nothing."
     ),
+    junit: Path | None = typer.Option(
+        None, "--junit", help="With --wait: write a JUnit XML report (a testcase per item)."
+    ),
+    trigger: str = typer.Option("run", "--trigger", hidden=True),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log progress details."),
     budget: float | None = typer.Option(
         None, "--budget", help="Cap in creative units (overrides the manifest's budget:)."
@@ -220,33 +304,44 @@ def run(
         True, "--online-check/--no-online-check", help="Check params against model inputs."
     ),
 ) -> None:
-    """Record a run of a manifest and process its items; prints the run id."""
+    """Record a run of each manifest and process their items; prints the run ids."""
     _setup_logging(verbose)
     from pipeline.executor import Executor
-    from pipeline.manifest import load_manifest
 
     with _errors(), ExitStack() as stack:
         deadline_delta = _parse_duration(deadline)
-        manifest = load_manifest(manifest_file)  # before any service is touched
+        manifests = batch.load_manifests(manifest_files)  # all, before any service is touched
         settings = _settings()
+        _check_junit(junit, wait, settings)
         if sandbox:
             settings = _start_sandbox(stack, settings)
         executor = stack.enter_context(Executor(settings, sandbox=sandbox))
         if wait and not dry_run:
-            executor.warm_up(stack)  # the worker starts while the run is checked and recorded
-        cap = _before_paying(executor, manifest, budget, online_check, force, as_json)
+            executor.warm_up(stack)  # the worker starts while the runs are checked and recorded
+        # Every manifest is checked (inputs, budget) before the first run is recorded.
+        caps = [
+            _before_paying(executor, manifest, budget, online_check, force, as_json)
+            for manifest in manifests
+        ]
         if dry_run:
-            _print_cost(executor.dry_run(manifest), as_json)
+            costs = [executor.dry_run(manifest) for manifest in manifests]
+            _print_cost(costs, as_json)
             return
-        run_id = executor.start_run(
-            manifest,
+        run_ids = batch.start_runs(
+            executor,
+            manifests,
             force=force,
             deadline=deadline_delta,
-            git_sha=_git_sha(manifest.path),
-            budget=cap,
+            git_sha=_git_sha,
+            trigger=trigger if trigger in ("run", "schedule") else "run",
+            budgets=caps,
         )
-        err.print(f"run {run_id} recorded ({len(manifest.items)} items)", markup=False)
-        _finish(executor, run_id, wait, as_json, stack)
+        for manifest, run_id in zip(manifests, run_ids, strict=True):
+            err.print(
+                f"run {run_id} recorded ({manifest.path.name}, {len(manifest.items)} items)",
+                markup=False,
+            )
+        _finish(executor, run_ids, wait, as_json, stack, junit=junit)
 
 
 def _before_paying(
@@ -292,24 +387,68 @@ def _before_paying(
     raise Exit(EXIT_OVER_BUDGET, message)
 
 
-def _finish(executor: Any, run_id: str, wait: bool, as_json: bool, stack: ExitStack) -> None:
+def _check_junit(junit: Path | None, wait: bool, settings: Settings) -> None:
+    if junit is not None and not wait and settings.distributed:
+        raise Exit(EXIT_INVALID, "error: --junit needs --wait (the report is written at the end)")
+
+
+def _finish(
+    executor: Any,
+    run_ids: list[str],
+    wait: bool,
+    as_json: bool,
+    stack: ExitStack,
+    *,
+    junit: Path | None = None,
+) -> None:
     if not executor.embedded and not wait:
         executor.kick()
         if as_json:
-            _print_json(executor.report(run_id))
+            _print_runs([executor.report(run_id) for run_id in run_ids], EXIT_OK)
         else:
-            typer.echo(run_id)
+            for run_id in run_ids:
+                typer.echo(run_id)
         return
     if not wait and executor.embedded:
         err.print("embedded mode: processing in this process until the run is done", markup=False)
     executor.start_processing(stack)
-    report = _wait_for(executor, run_id, show=wait)
+    done = [_wait_for(executor, run_id, show=wait) for run_id in run_ids]
+    code = batch.worst(_exit_code(report) for report in done)
+    galleries = {
+        r["run_id"]: str(gallery.write(r, Path("runs") / f"{r['run_id']}.html")) for r in done
+    }
+    if junit is not None:
+        from pipeline import junit as junit_report
+
+        try:
+            junit_report.write(done, junit)
+        except OSError as exc:
+            raise Exit(
+                EXIT_INVALID, f"error: --junit {junit}: cannot write it: {exc.strerror or exc}"
+            ) from None
+        err.print(f"junit: {junit}", markup=False)
+    _notify(executor.settings, done, galleries)
     if as_json:
-        _print_json(report)
+        _print_runs(done, code)
     else:
-        report["gallery"] = str(gallery.write(report, Path("runs") / f"{run_id}.html"))
-        _print_summary(report)
-    raise Exit(_exit_code(report))
+        for report in done:
+            report["gallery"] = galleries[report["run_id"]]
+            _print_summary(report)
+    raise Exit(code)
+
+
+def _print_runs(docs: list[dict[str, Any]], code: int) -> None:
+    """One run: its document (as always). Several: `{"runs": [...], "exit_code": N}`."""
+    _print_json(docs[0] if len(docs) == 1 else {"runs": docs, "exit_code": code})
+
+
+def _notify(settings: Settings, done: list[dict[str, Any]], galleries: dict[str, str]) -> None:
+    if settings.notify_url is None:
+        return
+    from pipeline import notify
+
+    galleries = {run_id: str(Path(page).resolve()) for run_id, page in galleries.items()}
+    notify.notify(settings.notify_url.get_secret_value(), done, galleries=galleries)
 
 
 def _exit_code(report: dict[str, Any]) -> int:
@@ -376,6 +515,8 @@ def _detail(counts: dict[str, int]) -> str:
 
 
 def _print_json(doc: Any) -> None:
+    global _json_printed
+    _json_printed = True
     sys.stdout.write(json.dumps(doc, indent=None, sort_keys=False) + "\n")
     sys.stdout.flush()
 
@@ -415,11 +556,15 @@ def _print_summary(report: dict[str, Any], limit: int = 30) -> None:
         out.print(f"gallery: {report['gallery']}", markup=False)
 
 
-def _print_cost(cost: dict[str, Any], as_json: bool) -> None:
+def _print_cost(costs: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        _print_json(cost)
-    else:
-        typer.echo(f"{cost['items']} items would cost {cost['creative_units']} creative units")
+        _print_json(costs[0] if len(costs) == 1 else {"dry_runs": costs, "exit_code": EXIT_OK})
+        return
+    for cost in costs:
+        prefix = f"{cost['manifest']}: " if len(costs) > 1 else ""
+        typer.echo(
+            f"{prefix}{cost['items']} items would cost {cost['creative_units']} creative units"
+        )
 
 
 # -- plan --------------------------------------------------------------------------------
@@ -488,7 +633,11 @@ def _repository() -> Iterator[Any]:
         engine = db.make_engine(settings.database_url)
         db.check(engine)
         if db.current_revision(engine) is None:
-            raise Exit(EXIT_FAILED, "no runs recorded yet (the lineage database is empty)")
+            raise Exit(
+                EXIT_FAILED,
+                "no runs recorded yet (the lineage database is empty)",
+                kind="not_found",
+            )
         try:
             yield Repository(engine)
         finally:
@@ -505,7 +654,11 @@ def status(
         run_id = run_id or repo.latest_run_id()
         report = reports.run_report(repo, run_id) if run_id else None
         if report is None:
-            raise Exit(EXIT_FAILED, f"no run {run_id}" if run_id else "no runs recorded yet")
+            raise Exit(
+                EXIT_FAILED,
+                f"no run {run_id}" if run_id else "no runs recorded yet",
+                kind="not_found",
+            )
     if as_json:
         _print_json(report)
     else:
@@ -514,25 +667,79 @@ def status(
 
 @app.command()
 def retry(
-    run_id: str = typer.Argument(..., help="The run whose failed or canceled items to re-run."),
+    run_ids: list[str] = typer.Argument(
+        ..., metavar="RUN_ID...", help="The runs whose failed or canceled items to re-run."
+    ),
     item: list[str] = typer.Option([], "--item", help="Only these item ids (repeatable)."),
     wait: bool = typer.Option(False, "--wait", help="Wait until every item is final."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     sandbox: bool = typer.Option(False, "--sandbox", help="Use a local Scenario sandbox."),
+    junit: Path | None = typer.Option(
+        None, "--junit", help="With --wait: write a JUnit XML report (a testcase per item)."
+    ),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
-    """Re-run a run's failed or canceled items (all, or the ones named) as new attempts."""
+    """Re-run the failed or canceled items of runs (all, or the ones named) as new attempts."""
     _setup_logging(verbose)
     from pipeline.executor import Executor
 
     with _errors(), ExitStack() as stack:
         settings = _settings()
+        _check_junit(junit, wait, settings)
         if sandbox:
             settings = _start_sandbox(stack, settings)
         executor = stack.enter_context(Executor(settings, sandbox=sandbox))
-        reopened = executor.reopen(run_id, item)
-        err.print(f"run {run_id}: retrying {len(reopened)} item(s)", markup=False)
-        _finish(executor, run_id, wait, as_json, stack)
+        run_ids = list(dict.fromkeys(run_ids))
+        unknown = [r for r in run_ids if not executor.ctx.repo.run_exists(r)]
+        if unknown:  # nothing is reopened when any id is wrong
+            raise Exit(
+                EXIT_INVALID,
+                "\n".join(f"error: no run {r}" for r in unknown),
+                kind="not_found",
+            )
+        for run_id in run_ids:
+            reopened = executor.reopen(run_id, item)
+            err.print(f"run {run_id}: retrying {len(reopened)} item(s)", markup=False)
+        _finish(executor, run_ids, wait, as_json, stack, junit=junit)
+
+
+@app.command()
+def cancel(
+    run_id: str = typer.Argument(..., help="The run to stop."),
+    reason: str = typer.Option(
+        "canceled from the command line", "--reason", help="Recorded on each canceled item."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's document on stdout."),
+) -> None:
+    """Stop a run: pending work is canceled, in-flight Scenario jobs too; stored files stay."""
+    from pipeline.executor import Executor
+    from pipeline.models import RunStatus
+    from pipeline.stages import cancel_run
+
+    with _errors(), ExitStack() as stack:
+        settings = _settings()
+        executor = stack.enter_context(Executor(settings))
+        repo = executor.ctx.repo
+        if not repo.run_exists(run_id):
+            raise Exit(EXIT_INVALID, f"error: no run {run_id}", kind="not_found")
+        if repo.run_status(run_id) != RunStatus.RUNNING:
+            err.print(f"run {run_id} is already {repo.run_status(run_id)}", markup=False)
+        else:
+            jobs = cancel_run(executor.ctx, run_id, _one_line(reason))
+            err.print(
+                f"run {run_id} canceled ({len(jobs)} Scenario job(s) canceled); "
+                f"stored outputs are kept; `pipeline retry {run_id}` runs the rest",
+                markup=False,
+            )
+        report = executor.report(run_id)
+    if as_json:
+        _print_json(report)
+    else:
+        typer.echo(run_id)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500] or "canceled from the command line"
 
 
 @app.command("gallery")
@@ -545,7 +752,11 @@ def gallery_command(
         run_id = run_id or repo.latest_run_id()
         report = reports.run_report(repo, run_id) if run_id else None
         if report is None:
-            raise Exit(EXIT_FAILED, f"no run {run_id}" if run_id else "no runs recorded yet")
+            raise Exit(
+                EXIT_FAILED,
+                f"no run {run_id}" if run_id else "no runs recorded yet",
+                kind="not_found",
+            )
     page = gallery.write(report, output or Path("runs") / f"{report['run_id']}.html")
     typer.echo(str(page))
 
@@ -683,9 +894,7 @@ def worker(
         argv.append(f"--concurrency={settings.worker_concurrency}")
     loop = None
     if sweeper:
-        from pipeline.stages import Sweeper
-
-        loop = Sweeper(runtime.context(), settings.api_url).start()
+        loop = _sweeper(runtime.context(), settings).start()
     try:
         celery.worker_main(argv + extra)
     finally:
@@ -698,19 +907,66 @@ def poller() -> None:
     """Run only the sweeper (polls jobs, dispatches work); any number may run, one is active."""
     _setup_logging(True)
     from pipeline import runtime
-    from pipeline.stages import Sweeper
 
     with _errors():
         settings = _settings()
         runtime.configure_runtime(settings)
         runtime.credentials(settings)
         _prepare_database(settings)
-        loop = Sweeper(runtime.context(), settings.api_url)
+        loop = _sweeper(runtime.context(), settings)
     err.print("poller: sweeping (Ctrl-C to stop)", markup=False)
     try:
         loop.run()
     except KeyboardInterrupt:
         loop.stop()
+
+
+def _sweeper(ctx: Any, settings: Settings) -> Any:
+    """The sweeper; with PIPELINE_NOTIFY_URL it announces scheduled runs as they finish."""
+    if settings.notify_url is not None:
+        from pipeline.notify import NotifyingSweeper
+
+        return NotifyingSweeper(ctx, settings.api_url, settings.notify_url.get_secret_value())
+    from pipeline.stages import Sweeper
+
+    return Sweeper(ctx, settings.api_url)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def scheduler(ctx: typer.Context) -> None:
+    """Celery beat: starts a run of each manifest in PIPELINE_SCHEDULE_MANIFESTS on
+    PIPELINE_SCHEDULE (a crontab expression); the workers process them. Extra arguments go
+    to `celery beat`."""
+    _setup_logging(False)
+    from pipeline import runtime, schedule
+    from pipeline.celery_app import app as celery
+
+    with _errors():
+        settings = _settings()
+        if not settings.schedule:
+            raise Exit(
+                EXIT_INVALID,
+                'error: PIPELINE_SCHEDULE is not set: give a crontab expression, e.g. "0 2 * * *"',
+                kind="configuration",
+            )
+        if not settings.distributed:
+            raise Exit(
+                EXIT_INVALID,
+                "error: `pipeline scheduler` needs a real broker: set "
+                "PIPELINE_BROKER_URL=redis://...",
+                kind="configuration",
+            )
+        folder = schedule.manifests_folder(settings)
+        runtime.configure_runtime(settings)
+        runtime.check_broker(settings.broker_url)
+        celery.conf.beat_schedule = schedule.beat_schedule(settings)
+    err.print(
+        f"scheduler: runs every manifest in {folder} on {settings.schedule!r} (UTC)",
+        markup=False,
+    )
+    celery.start(["beat", "--loglevel=INFO", *ctx.args])
 
 
 def _prepare_database(settings: Settings) -> None:

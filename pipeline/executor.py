@@ -142,6 +142,7 @@ class Executor:
         deadline: timedelta | None = None,
         git_sha: str | None = None,
         budget: float | None = None,
+        trigger: str = "run",
     ) -> str:
         """Upload inputs, decide skips, and record the run and its items (one transaction)."""
         repo, storage = self.ctx.repo, self.ctx.storage
@@ -171,10 +172,15 @@ class Executor:
             storage_url=storage.url,
             api_host=urlsplit(self.settings.api_url).netloc,
             git_sha=git_sha,
+            trigger=trigger,
             deadline_at=repo.now() + deadline if deadline else None,
             max_attempts=self.settings.max_job_attempts,
             budget=budget,
         )
+
+    def check(self, manifest: Manifest) -> None:
+        """Refuse a manifest the lineage database says cannot run (nothing is recorded)."""
+        self._refuse_overwrites(manifest)
 
     def _refuse_overwrites(self, manifest: Manifest) -> None:
         """Refuse, before paying, a run whose images would land on another item's files.

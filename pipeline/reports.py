@@ -100,6 +100,10 @@ class _Chains:
         return list(reversed(steps))
 
 
+def _seconds(start: Any, end: Any) -> float | None:
+    return round((end - start).total_seconds(), 3) if start and end else None
+
+
 def _job_doc(job: JobRow | None) -> dict[str, Any] | None:
     if job is None:
         return None
@@ -185,6 +189,7 @@ def run_report(repo: Repository, run_id: str) -> dict[str, Any] | None:
                     "hint": item.hint,
                     "seed": item.seed,
                     "prompt": item.prompt,
+                    "duration_seconds": _seconds(item.created_at, item.finished_at),
                     "outputs": outputs,
                 }
             )

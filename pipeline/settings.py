@@ -41,6 +41,7 @@ _SECRET_VARIABLES = {
     "SCENARIO_SDK_API_KEY",
     "SCENARIO_API_SECRET",
     "SCENARIO_SDK_API_SECRET",
+    "PIPELINE_NOTIFY_URL",
 }
 
 
@@ -108,6 +109,11 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         8, ge=1, le=1000, validation_alias="PIPELINE_WORKER_CONCURRENCY"
     )
+    # Nightly operations (pipeline/schedule.py, pipeline/notify.py). A webhook URL often
+    # carries a token in its path: it is a secret, never shown.
+    notify_url: SecretStr | None = Field(None, validation_alias="PIPELINE_NOTIFY_URL")
+    schedule: str | None = Field(None, validation_alias="PIPELINE_SCHEDULE")
+    schedule_manifests: str = Field("manifests", validation_alias="PIPELINE_SCHEDULE_MANIFESTS")
 
     @field_validator("api_url")
     @classmethod
@@ -120,6 +126,25 @@ class Settings(BaseSettings):
         if value is None:
             return None
         return _checked("PIPELINE_PUBLIC_BASE_URL", value, _http_url_problem(value))
+
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        problem = _http_url_problem(value.get_secret_value())
+        if problem:  # the value is not shown: it may hold the webhook's token
+            raise ValueError(f"PIPELINE_NOTIFY_URL=***: {problem}")
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        from pipeline.schedule import crontab_problem
+
+        if value is None or not value.strip():
+            return None
+        return _checked("PIPELINE_SCHEDULE", value, crontab_problem(value))
 
     @field_validator("s3_endpoint_url")
     @classmethod

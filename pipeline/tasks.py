@@ -65,3 +65,11 @@ def sweep() -> bool:
     except TransientError as exc:
         logger.warning("sweep failed: %s", exc)
         return False
+
+
+@app.task(name="pipeline.scheduled")
+def scheduled(folder: str) -> int:
+    """Celery beat's nightly entry: one run per manifest in `folder` (pipeline/schedule.py)."""
+    from pipeline.schedule import start_scheduled_runs
+
+    return start_scheduled_runs(folder)
