@@ -124,7 +124,8 @@ def test_a_trained_sdxl_lora_runs_on_its_inference_endpoint_and_is_polled_in_the
     doc = result.json()
     assert all(len(item["outputs"]) == 1 for item in doc["items"])
 
-    # The same model on /generate/custom is refused by the API: said plainly, nothing paid.
+    # The same model on /generate/custom would be refused by the API: the run's online
+    # check says so at the manifest's line, before anything is paid.
     write_manifest(
         tmp_path,
         manifest.read_text()
@@ -132,9 +133,16 @@ def test_a_trained_sdxl_lora_runs_on_its_inference_endpoint_and_is_polled_in_the
         .replace("numSamples", "numOutputs"),
         name="custom.yaml",
     )
-    refused = cli("run", str(tmp_path / "custom.yaml"), "--wait", "--json")
-    assert refused.code == 1
-    errors = [item["error"] for item in refused.json()["items"]]
+    jobs_before = sandbox.stats()["jobs_created"]
+    refused = cli("run", str(tmp_path / "custom.yaml"), "--wait")
+    assert refused.code == 2
+    assert "custom.yaml:10: endpoint:" in refused.stderr and "txt2img" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert sandbox.stats()["jobs_created"] == jobs_before
+    # Skipping the check, the API itself refuses it, and the item carries its error.
+    paid = cli("run", str(tmp_path / "custom.yaml"), "--wait", "--json", "--no-online-check")
+    assert paid.code == 1
+    errors = [item["error"] for item in paid.json()["items"]]
     assert all("/generate/{inferenceType}" in (e or "") for e in errors)
 
 
