@@ -101,8 +101,9 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"PIPELINE_DATABASE_URL={shorten(safe_url(url))}: {problem}")
     url = normalize_url(url)
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
+        # A local file has no connection to lose: no ping before every transaction.
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         if parsed.database and parsed.database != ":memory:":
             folder = Path(parsed.database).expanduser().parent
@@ -114,7 +115,7 @@ def make_engine(url: str) -> Engine:
                     f"{shorten(str(folder))}: {exc.strerror or exc}"
                 ) from None
     else:
-        kwargs.update(pool_size=5, max_overflow=5, pool_recycle=1800)
+        kwargs.update(pool_size=5, max_overflow=5, pool_recycle=1800, pool_pre_ping=True)
         kwargs["connect_args"] = {"connect_timeout": 5}
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":

@@ -27,8 +27,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds one preflight request may take; the run's own requests use PIPELINE_HTTP_TIMEOUT.
 API_TIMEOUT = 5.0
-#: A 5xx is tried once more after this pause; nothing else is retried.
-RETRY_PAUSE = 1.0
+#: A transient failure (5xx, a dropped connection, a timeout) is tried again after this
+#: pause, up to ATTEMPTS in all: a flaky network is not an outage, a dead port is.
+RETRY_PAUSE = 0.5
+ATTEMPTS = 3
 
 
 def check_api(settings: Settings, key: str, secret: str, *, timeout: float = API_TIMEOUT) -> None:
@@ -48,7 +50,7 @@ def check_api(settings: Settings, key: str, secret: str, *, timeout: float = API
         max_connections=1,
     )
     try:
-        for attempt in (1, 2):
+        for attempt in range(1, ATTEMPTS + 1):
             try:
                 next(client.iter_jobs(page_size=1), None)
                 return
@@ -58,8 +60,8 @@ def check_api(settings: Settings, key: str, secret: str, *, timeout: float = API
                 status = exc.status_code
                 if status == 429:
                     return  # it answered: throttled, but there
-                if attempt == 1 and status is not None and status >= 500:
-                    logger.info("preflight: %s; trying once more", exc)
+                if attempt < ATTEMPTS:
+                    logger.info("preflight: %s; trying again", exc)
                     time.sleep(RETRY_PAUSE)
                     continue
                 raise ServiceUnavailable(f"cannot reach {where}: {exc}") from None

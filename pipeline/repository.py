@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Table, and_, func, insert, or_, select, update
+from sqlalchemy import Engine, Table, and_, case, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -109,6 +109,7 @@ class InFlightJob:
     accepted_at: datetime
     due_at: datetime | None
     expected_outputs: int
+    status: JobStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -745,6 +746,17 @@ class Repository:
         """Nodes holding a parallel-job slot (being submitted or running remotely)."""
         return self._count_in_pool([NodeState.SUBMITTING, NodeState.RUNNING], pool)
 
+    def slots_by_pool(self) -> dict[str, int]:
+        """Nodes holding a parallel-job slot, per pool (one query)."""
+        pool = case((NodeRow.endpoint == "custom", "custom"), else_="inference")
+        with self._tx() as s:
+            rows = s.execute(
+                select(pool, func.count())
+                .where(NodeRow.state.in_([NodeState.SUBMITTING, NodeState.RUNNING]))
+                .group_by(pool)
+            ).all()
+        return {str(name): int(count) for name, count in rows}
+
     def running_in_pool(self, pool: str) -> int:
         """Nodes whose job Scenario accepted and has not finished."""
         return self._count_in_pool([NodeState.RUNNING], pool)
@@ -852,6 +864,7 @@ class Repository:
                     accepted_at=j.accepted_at or j.intent_at,
                     due_at=due_at,
                     expected_outputs=expected,
+                    status=j.status,
                 )
                 for j, due_at, expected in rows
             ]

@@ -45,6 +45,7 @@ POLL_CAP = 30.0  # never leave a job unlooked-at longer than this
 LIST_INTERVAL_MIN = 0.1
 LIST_INTERVAL_MAX = 1.0
 SWEEP_MIN_SLEEP = 0.02
+RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -270,8 +271,9 @@ def next_poll_in(
 ) -> float:
     """Seconds until a job is worth looking at again (pure; the list poll is due then).
 
-    With a learned duration the first look lands at the expected finish; an overdue job is
-    looked at again after half its delay so far (a geometric backoff, capped). Without
+    With a learned duration the first look lands just after the expected finish (our clock
+    starts when the POST answered, a little after Scenario's); an overdue job is looked at
+    again after half its delay so far (a geometric backoff, capped). Without
     one, looks come at a fifth of the elapsed time: a detection delay of at most 20% on the
     first jobs of a model, and few requests for a slow one.
     """
@@ -280,7 +282,7 @@ def next_poll_in(
             return poll_delay(elapsed=0.0, expected=None, polls=0, rng=rng) / 4
         return min(max(0.2 * elapsed, 0.25), POLL_CAP)
     if elapsed < expected:
-        return max(0.05, expected - elapsed)
+        return max(0.05, expected - elapsed + min(0.02 * expected, 0.5))
     step = max(0.05 * expected, 0.5 * (elapsed - expected))
     jitter = 1.0 + (rng.uniform(-0.1, 0.1) if rng else 0.0)
     return min(step * jitter, POLL_CAP)
@@ -374,8 +376,8 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
             continue
         if polled is None and not list_ok and j.scenario_job_id not in attempted:
             continue  # still due: polled on the next tick
-        if polled is not None:
-            ctx.repo.apply_job(j.row_id, polled)  # progress and status, not terminal
+        if polled is not None and polled.status != j.status:
+            ctx.repo.apply_job(j.row_id, polled)  # a new status (queued -> in-progress ...)
         expected = state.expected(ctx, j.model)
         elapsed = (now - j.accepted_at).total_seconds()
         schedule[(j.row_id, j.node_id)] = now + timedelta(
@@ -424,6 +426,8 @@ class SweeperState:
     api_host: str
     last_list_at: float = float("-inf")
     limits_read: bool = False  # the plan's caps are read once per sweeper, when allowed
+    lease_renew_at: float = float("-inf")  # monotonic time to renew the sweeper lease
+    runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
     expected_cache: dict[str, tuple[float, float | None]] = field(default_factory=dict)
 
     def expected(self, ctx: Context, model: str) -> float | None:
@@ -451,8 +455,13 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     holder = ctx.worker
     # A short lease: when its holder dies another sweeper takes over within seconds. Two
     # overlapping sweeps are safe (every move is a conditional UPDATE), merely wasteful.
-    if not ctx.repo.acquire_lease(SWEEPER_LEASE, holder, ttl=max(3.0, ctx.tuning.tick * 10)):
-        return report
+    ttl = max(3.0, ctx.tuning.tick * 10)
+    mono = time.monotonic()
+    if mono > state.lease_renew_at:  # renewed at half its life, not on every sweep
+        if not ctx.repo.acquire_lease(SWEEPER_LEASE, holder, ttl=ttl):
+            state.lease_renew_at = float("-inf")
+            return report
+        state.lease_renew_at = mono + ttl / 2
     report.ran = True
     tuning = ctx.tuning
     for run_id in ctx.repo.overdue_runs():
@@ -461,7 +470,8 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         report.poll = poll_jobs(ctx, state)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
-    if ctx.repo.slots_in_use() == 0:
+    in_use = ctx.repo.slots_by_pool()
+    if sum(in_use.values()) == 0:
         # Nothing else will finish to share a get-bulk with: collect what waits, now.
         ctx.repo.collect_now()
     to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
@@ -481,11 +491,14 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     fresh = []
     for pool in POOLS:
         limit = ctx.caps.get(pool).limit(tuning.parallel_jobs)
-        fresh += ctx.repo.dispatch_pending(limit - ctx.repo.slots_in_use(pool), pool)
+        fresh += ctx.repo.dispatch_pending(limit - in_use.get(pool, 0), pool)
     for node_id in resubmit + fresh:
         ctx.dispatch.submit(node_id)
     report.submitted = len(resubmit) + len(fresh)
-    report.finished_runs = ctx.repo.refresh_runs()
+    if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
+        # Runs end when their last node does; nodes finish in polls, collects and tasks.
+        state.runs_at = mono + RUNS_REFRESH
+        report.finished_runs = ctx.repo.refresh_runs()
     return report
 
 
