@@ -431,8 +431,10 @@ class SweeperState:
     expected_cache: dict[str, tuple[float, float | None]] = field(default_factory=dict)
 
     def expected(self, ctx: Context, model: str) -> float | None:
+        """A model's learned job duration, re-read every few seconds (soon while unknown:
+        the first jobs of a model teach it, and every poll after them depends on it)."""
         at, value = self.expected_cache.get(model, (float("-inf"), None))
-        if time.monotonic() - at > 5.0:
+        if time.monotonic() - at > (5.0 if value is not None else 0.25):
             value = ctx.repo.expected_duration(model)
             self.expected_cache[model] = (time.monotonic(), value)
         return value
