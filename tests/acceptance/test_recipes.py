@@ -182,3 +182,36 @@ items:
     second = cli("run", str(manifest), "--wait", "--json")
     assert second.code == 0, second.stderr
     assert sandbox.stats()["requests"]["POST /assets"] == 2
+
+
+def test_another_manifests_item_never_takes_a_stored_key(
+    cli: Cli, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Replacing is for an item's own files; a key holding another item's is refused."""
+    text = """\
+name: NAME
+model: model_bfl-flux-2-dev
+seed: 5
+params: {width: 64, height: 64}
+output: "library/{item}/{index}.{ext}"
+items:
+  - id: sword
+    prompt: "PROMPT"
+"""
+    alpha = write_manifest(
+        tmp_path, text.replace("NAME", "alpha").replace("PROMPT", "a"), name="a.yaml"
+    )
+    assert cli("run", str(alpha), "--wait").code == 0
+    key = tmp_path / "assets" / "library" / "sword" / "0.png"
+    stored = key.read_bytes()
+    jobs = sandbox.stats()["jobs_created"]
+    beta = write_manifest(
+        tmp_path, text.replace("NAME", "beta").replace("PROMPT", "b"), name="b.yaml"
+    )
+    refused = cli("run", str(beta), "--wait")
+    assert refused.code == 2
+    assert f"{beta.resolve()}:7: items[0].output: library/sword/0.png already holds" in (
+        refused.stderr
+    )
+    assert "item 'sword' of manifest 'alpha'" in refused.stderr
+    assert sandbox.stats()["jobs_created"] == jobs and key.read_bytes() == stored
