@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ManifestError, cut, one_line, shorten
 from pipeline.keys import (
@@ -303,7 +303,7 @@ class _Strict(BaseModel):
 class _StepModel(_Strict):
     model: str
     endpoint: str = "custom"
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = Field(default_factory=dict)
     prompt: str | None = None
     output: str | None = None
 
@@ -312,10 +312,10 @@ class _ItemModel(_Strict):
     id: str
     prompt: str | None = None
     seed: int | None = None
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = Field(default_factory=dict)
     image: str | None = None
-    reference_images: list[str] = []
-    tags: list[str] = []
+    reference_images: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
     steps: list[_StepModel] | None = None
 
 
@@ -327,8 +327,8 @@ class _ManifestModel(_Strict):
     endpoint: str = "custom"
     trained_model: str | None = None
     seed: int
-    params: dict[str, Any] = {}
-    steps: list[_StepModel] = []
+    params: dict[str, Any] = Field(default_factory=dict)
+    steps: list[_StepModel] = Field(default_factory=list)
     output: str = DEFAULT_TEMPLATE
     overwrite: str = "replace"
     budget: float | None = None
