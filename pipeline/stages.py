@@ -74,7 +74,8 @@ class Tuning:
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
     collect_batch: int = 25  # nodes per collect task (one get-bulk for all their assets)
-    collect_delay: float = 0.25  # gather finished nodes this long into one collect task
+    collect_delay: float = 1.0  # gather finished nodes this long into one collect task (a
+    # finished job holds no slot, and with nothing else in flight it is collected at once)
     coalesce_fraction: float = 0.05  # of a job's expected duration, to batch list polls
     download_attempts: int = 4
     tick: float = 0.5  # the sweeper's longest sleep; it wakes sooner when a timer is due
