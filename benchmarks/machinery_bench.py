@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.chaos.harness import Cluster  # noqa: E402
-from tests.services import SeaweedFS, drop_postgres_database, make_postgres_database  # noqa: E402
+from tests.chaos.harness import Cluster
+from tests.services import SeaweedFS, drop_postgres_database, make_postgres_database
 
 
 def manifest(items: int) -> str:
