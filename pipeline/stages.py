@@ -67,7 +67,10 @@ class Tuning:
     # Least time between two GET /jobs list polls; None: a tenth of the shortest expected
     # job duration in flight, within [LIST_INTERVAL_MIN, LIST_INTERVAL_MAX].
     list_interval: float | None = None
-    list_overlap: float = 10.0  # updatedAfter margin for clock skew and late writes
+    # updatedAfter margin for late writes to the API's index (both ends of it are Scenario's own
+    # timestamps, so no clock skew): wider would page through every job of the last seconds
+    # on every poll. A job the list misses is still found by its own poll (straggling).
+    list_overlap: float = 2.0
     list_max_pages: int = 10  # beyond this, fall back to per-job polls for due jobs
     direct_polls_per_tick: int = 25
     straggler_default: float = 20.0  # a job the list never showed gets its own GET after 3x
