@@ -559,7 +559,9 @@ class Sweeper:
     def run(self) -> None:
         while not self._stop.is_set():
             report = self.tick()
-            self.wake.wait(self._sleep_after(report))
+            if self.wake.wait(self._sleep_after(report)):
+                # A task finished something: a node, maybe an item, maybe the run.
+                self.state.runs_at = float("-inf")
             self.wake.clear()
         try:  # let another sweeper take over at once rather than after the lease
             self.ctx.repo.release_lease(SWEEPER_LEASE, self.ctx.worker)
