@@ -73,9 +73,9 @@ class Cap:
     def refused_at(self, running: int, sent_at: float, now: float) -> Cap:
         """The API refused a submission sent at `sent_at` while `running` jobs ran.
 
-        `running` counts the jobs we have not yet seen finish, so it may be a little high:
-        a refusal lowers the cap by at least one. A submission sent before the cap was last
-        lowered was sent under the old cap: its refusal says nothing new.
+        `running` counts the jobs in flight besides the refused one, so it may be a little
+        high: a refusal lowers the cap by at least one. A submission sent before the cap was
+        last lowered was sent under the old cap: its refusal says nothing new.
         """
         if self.lowered_at is not None and sent_at < self.lowered_at:
             return self

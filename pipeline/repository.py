@@ -1062,15 +1062,19 @@ class Repository:
 
     # -- submit ---------------------------------------------------------------------------
 
-    def next_due(self) -> datetime | None:
-        """The earliest timer of a node the sweeper acts on (pending, running, collecting)."""
+    def next_due(self) -> dict[NodeState, datetime]:
+        """The earliest timer per state the sweeper acts on (pending, running, collecting)."""
         with self._tx() as s:
-            return s.execute(
-                select(func.min(NodeRow.due_at)).where(
+            rows = s.execute(
+                select(NodeRow.state, func.min(NodeRow.due_at))
+                .where(
                     NodeRow.state.in_([NodeState.PENDING, NodeState.RUNNING, NodeState.COLLECTING]),
                     NodeRow.claimed_until.is_(None),
+                    NodeRow.due_at.is_not(None),
                 )
-            ).scalar_one_or_none()
+                .group_by(NodeRow.state)
+            ).all()
+        return {NodeState(state): due for state, due in rows if due is not None}
 
     def submit_work(self, node_id: int) -> SubmitWork | None:
         with self._tx() as s:

@@ -198,9 +198,13 @@ def submit_node(ctx: Context, node_id: int) -> str:
         if exc.concurrency:
             # The plan's parallel-jobs cap: nothing was created or billed. The cap is lower
             # than we thought; the node goes back to wait for a slot, no one else waits.
+            # What the API allows is at most what we have in flight besides this one; an
+            # acceptance still being recorded elsewhere counts there, so the estimate errs
+            # high, and a further refusal lowers it again, down to the API's own cap.
             pool = pool_of(work.endpoint)
             refused_at = ctx.now().timestamp()
-            ctx.caps.refused(pool, ctx.repo.running_in_pool(pool), sent_at, refused_at)
+            others = ctx.repo.slots_in_use(pool) - 1
+            ctx.caps.refused(pool, others, sent_at, refused_at)
             ctx.repo.record_refused(row_id, nodes.Throttled(0.0, str(exc)))
             return "throttled"
         if exc.status_code == 429:
@@ -316,10 +320,12 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     # duration past the first one lets one list call see the whole group finished.
     earliest = min(j.due_at or now for j in due)
     window = (state.expected(ctx, due[0].model) or 0.0) * ctx.tuning.coalesce_fraction
-    if now < earliest + timedelta(seconds=window):
-        return report
     mono = time.monotonic()
-    if mono - state.last_list_at < list_interval(ctx, state, jobs):
+    if now < earliest + timedelta(seconds=window):
+        state.window_until = mono + (earliest + timedelta(seconds=window) - now).total_seconds()
+        return report
+    state.list_gap = list_interval(ctx, state, jobs)
+    if mono - state.last_list_at < state.list_gap:
         return report
     state.last_list_at = mono
     by_id = {j.scenario_job_id: j for j in jobs}
@@ -430,6 +436,8 @@ class SweeperState:
     api_host: str
     last_list_at: float = float("-inf")
     limits_read: bool = False  # the plan's caps are read once per sweeper, when allowed
+    list_gap: float = 0.0  # the least time between two list polls, as last computed
+    window_until: float = float("-inf")  # monotonic end of the wait that batches a poll
     lease_renew_at: float = float("-inf")  # monotonic time to renew the sweeper lease
     runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
     expected_cache: dict[str, tuple[float, float | None]] = field(default_factory=dict)
@@ -453,6 +461,7 @@ class TickReport:
     collected: int = 0
     poll: PollReport = field(default_factory=PollReport)
     finished_runs: list[str] = field(default_factory=list)
+    full: bool = False  # every pool's slots were taken: due pending nodes wait for a slot
 
 
 def sweep(ctx: Context, state: SweeperState) -> TickReport:
@@ -495,9 +504,13 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         if limits:
             ctx.caps.known(limits)
     fresh = []
+    report.full = True
     for pool in POOLS:
         limit = ctx.caps.get(pool).limit(tuning.parallel_jobs)
-        fresh += ctx.repo.dispatch_pending(limit - in_use.get(pool, 0), pool)
+        room = limit - in_use.get(pool, 0)
+        handed = ctx.repo.dispatch_pending(room, pool)
+        fresh += handed
+        report.full = report.full and len(handed) >= room
     for node_id in resubmit + fresh:
         ctx.dispatch.submit(node_id)
     report.submitted = len(resubmit) + len(fresh)
@@ -577,9 +590,19 @@ class Sweeper:
             due = self.ctx.repo.next_due()
         except TransientError:
             return tick
-        if due is None:
-            return tick
-        return min(max((due - self.ctx.now()).total_seconds(), SWEEP_MIN_SLEEP), tick)
+        now = self.ctx.now()
+        waits = [tick]
+        if NodeState.RUNNING in due:  # the next poll, not before the list may be asked again
+            mono = time.monotonic()
+            gate = (
+                max(self.state.last_list_at + self.state.list_gap, self.state.window_until) - mono
+            )
+            waits.append(max((due[NodeState.RUNNING] - now).total_seconds(), gate))
+        if NodeState.COLLECTING in due:
+            waits.append((due[NodeState.COLLECTING] - now).total_seconds())
+        if NodeState.PENDING in due and not report.full:  # full: a finished job wakes us
+            waits.append((due[NodeState.PENDING] - now).total_seconds())
+        return min(max(min(waits), SWEEP_MIN_SLEEP), tick)
 
     def start(self) -> Sweeper:
         self._thread = threading.Thread(target=self.run, name="pipeline-sweeper", daemon=True)
