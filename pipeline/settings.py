@@ -46,20 +46,9 @@ _SECRET_VARIABLES = {
 
 
 def _http_url_problem(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return "not a valid URL"
-    if parts.scheme not in ("http", "https"):
-        return "must be an http:// or https:// URL"
-    if not parts.hostname:
-        return "names no host"
-    if port == 0:
-        return "port 0 is not a port"
-    if any(c.isspace() or not c.isprintable() for c in url):
-        return "must not contain spaces or control characters"
-    return None
+    from pipeline.storage import http_url_problem
+
+    return http_url_problem(url)
 
 
 class Settings(BaseSettings):

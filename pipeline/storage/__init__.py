@@ -24,6 +24,7 @@ __all__ = [
     "Storage",
     "StoredObject",
     "endpoint_url_problem",
+    "http_url_problem",
     "open_storage",
     "url_problem",
     "validate_key",
@@ -63,13 +64,13 @@ def url_problem(url: str) -> str | None:
     )
 
 
-def endpoint_url_problem(url: str) -> str | None:
-    """Why `url` cannot be an S3 endpoint (AWS_ENDPOINT_URL), or None."""
+def http_url_problem(url: str, example: str | None = None) -> str | None:
+    """Why `url` cannot be an http(s) service URL, or None (for settings and endpoints)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        return "not a valid URL (expected e.g. http://127.0.0.1:9000)"
+        return "not a valid URL" + (f" (expected e.g. {example})" if example else "")
     if parts.scheme not in ("http", "https"):
         return "must be an http:// or https:// URL"
     if not parts.hostname:
@@ -79,6 +80,11 @@ def endpoint_url_problem(url: str) -> str | None:
     if any(c.isspace() or not c.isprintable() for c in url):
         return "must not contain spaces or control characters"
     return None
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """Why `url` cannot be an S3 endpoint (AWS_ENDPOINT_URL), or None."""
+    return http_url_problem(url, example="http://127.0.0.1:9000")
 
 
 def open_storage(
