@@ -56,7 +56,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -794,7 +794,7 @@ class _Loader:
             description=m.description,
             overwrite=m.overwrite,
             budget=m.budget,
-            lines={self.field_of(loc): line for loc, line in self.lines.items() if loc},
+            lines=_FieldLines(self.lines),
         )
         if not self.problems:
             self.check_counts(manifest)
@@ -890,6 +890,45 @@ def storage_key_problems(
                 )
                 break
     return problems
+
+
+def _loc_text(loc: Loc) -> str:
+    """A location as a field path (`items[2].params.width`): ints are list indices."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+class _FieldLines(Mapping[str, int]):
+    """`Manifest.lines`: field path -> line, rendered only when first asked for.
+
+    A 100,000-item manifest has hundreds of thousands of keys; most runs never look one up
+    by its path, and a top-level field is found without rendering the others.
+    """
+
+    def __init__(self, locs: Mapping[Loc, int]) -> None:
+        self._locs = locs
+        self._paths: dict[str, int] | None = None
+
+    def _all(self) -> dict[str, int]:
+        if self._paths is None:
+            self._paths = {_loc_text(loc): line for loc, line in self._locs.items() if loc}
+        return self._paths
+
+    def __getitem__(self, key: str) -> int:
+        if self._paths is None and key.isidentifier() and (key,) in self._locs:
+            return self._locs[(key,)]
+        return self._all()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 def _suggest(key: str, known: list[str]) -> str:
