@@ -103,10 +103,11 @@ def test_python_interface_mirrors_the_control_routes(sandbox: Any, kit: Any) -> 
 
 
 def test_the_sdk_waits_out_a_429_using_retry_after_ms(make_sandbox: Any, make_client: Any) -> None:
-    sb = make_sandbox(rate_limit=5, rate_burst=1)
+    # One token every half second: back-to-back calls meet a 429 even on a loaded machine.
+    sb = make_sandbox(rate_limit=2, rate_burst=1)
     client = make_client(sb, max_retries=2)
     start = time.monotonic()
     for _ in range(3):
         client.models.retrieve(MODEL)
-    assert time.monotonic() - start >= 0.3  # two waits of about 0.2 s each
+    assert time.monotonic() - start >= 0.75  # two waits of about 0.5 s each
     assert sb.stats()["responses_429"]["rate"] >= 2
