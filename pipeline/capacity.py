@@ -54,21 +54,20 @@ class Cap:
     def accepted(self, in_flight: int, waiting: bool) -> Cap:
         """A submission was accepted with `in_flight` jobs of the pool in flight, and more
         work `waiting` for a slot (no demand, no evidence that more would be accepted)."""
-        settled = self
         if self.known or not waiting:
-            return settled
+            return self
         if not self.refused:
             # Slow start: one more per acceptance while at least half the cap is in use,
             # doubling per round; a cap we do not come near to filling is left alone.
             if 2 * in_flight >= self.value:
-                return replace(settled, value=self.value + 1)
-            return settled
+                return replace(self, value=self.value + 1)
+            return self
         if in_flight < self.value:
-            return settled
+            return self
         credit = self.credit + 1
         if credit >= ROUNDS_PER_PROBE * self.value:
-            return replace(settled, value=self.value + 1, credit=0)
-        return replace(settled, credit=credit)
+            return replace(self, value=self.value + 1, credit=0)
+        return replace(self, credit=credit)
 
     def refused_at(self, running: int, sent_at: float, now: float) -> Cap:
         """The API refused a submission sent at `sent_at` while `running` jobs ran.

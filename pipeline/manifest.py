@@ -269,16 +269,7 @@ class Manifest:
         template = self.output
         if index < 0 or (index > 0 and not uses_index(template)):
             raise ValueError(f"output index {index} is out of range for template {template!r}")
-        return render_key(
-            template,
-            manifest=self.name,
-            item=item.id,
-            index=index,
-            seed=item.seed,
-            item_key=item.item_key,
-            ext=ext,
-            step=len(item.steps),
-        )
+        return step_key(self, item, template, len(item.steps), index, ext)
 
     def planned_keys(self, item: ItemSpec, ext: str = "png") -> list[tuple[int, int, str]]:
         """(step, index, key) of every output the item stores, intermediate steps included."""
@@ -355,7 +346,7 @@ def count_param(endpoint: str) -> str:
 def step_key(
     manifest: Manifest, item: ItemSpec, template: str, step: int, index: int, ext: str = "png"
 ) -> str:
-    """The storage key of one output of an intermediate recipe step."""
+    """The storage key of one output of a recipe step (the last step's: `output_key`)."""
     return render_key(
         template,
         manifest=manifest.name,

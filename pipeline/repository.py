@@ -757,10 +757,6 @@ class Repository:
             ).all()
         return {str(name): int(count) for name, count in rows}
 
-    def running_in_pool(self, pool: str) -> int:
-        """Nodes whose job Scenario accepted and has not finished."""
-        return self._count_in_pool([NodeState.RUNNING], pool)
-
     def waiting_in_pool(self, pool: str) -> bool:
         """Whether pending nodes of the pool wait for a slot."""
         with self._tx() as s:
