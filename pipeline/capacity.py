@@ -6,9 +6,12 @@ generation refused with 429 for concurrency created nothing and bills nothing, s
 can be learned safely:
 
 - when the key may read `GET /teams/{teamId}/limits`, that is the cap, and nothing is probed;
-- otherwise start at what was learned before for this API key (or `INITIAL`), grow by one
-  each time a submission is accepted while every slot was taken, and on a refusal drop to
-  the number of jobs that were running when it came (what the API just said it allows);
+- otherwise start at what was learned before for this API key (or `INITIAL`); each time the
+  API accepts a submission that fills the cap (as many jobs running, accepted, as the cap
+  allows) while work waits, raise it by half to probe (4, 6, 9, ...); on a refusal drop to
+  one above the number of jobs running when it came (about what the API allows). Counting
+  accepted jobs, not the ones still being sent, keeps a probe to one step past what the
+  API has shown it takes: one or two refusals, not a burst of them;
 - after the first refusal, grow only by one per `ROUNDS_PER_PROBE` full rounds of the cap,
   so probing costs a refusal every few hundred jobs, not every few.
 
@@ -51,19 +54,15 @@ class Cap:
         """How many jobs may be in flight now."""
         return max(1, min(self.value, ceiling) if ceiling else self.value)
 
-    def accepted(self, in_flight: int, waiting: bool) -> Cap:
-        """A submission was accepted with `in_flight` jobs of the pool in flight, and more
-        work `waiting` for a slot (no demand, no evidence that more would be accepted)."""
-        if self.known or not waiting:
+    def accepted(self, running: int, waiting: bool) -> Cap:
+        """A submission was accepted and `running` jobs of the pool (itself included) are
+        now accepted and unfinished, with more work `waiting` for a slot (no demand, no
+        evidence that more would be accepted). Only a full cap teaches anything."""
+        if self.known or not waiting or running < self.value:
             return self
         if not self.refused:
-            # Slow start: one more per acceptance while at least half the cap is in use,
-            # doubling per round; a cap we do not come near to filling is left alone.
-            if 2 * in_flight >= self.value:
-                return replace(self, value=self.value + 1)
-            return self
-        if in_flight < self.value:
-            return self
+            # Slow start: the API took as many as the cap; probe half as many again.
+            return replace(self, value=running + max(1, running // 2))
         credit = self.credit + 1
         if credit >= ROUNDS_PER_PROBE * self.value:
             return replace(self, value=self.value + 1, credit=0)
@@ -72,13 +71,16 @@ class Cap:
     def refused_at(self, running: int, sent_at: float, now: float) -> Cap:
         """The API refused a submission sent at `sent_at` while `running` jobs ran.
 
-        `running` counts the jobs in flight besides the refused one, so it may be a little
-        high: a refusal lowers the cap by at least one. A submission sent before the cap was
-        last lowered was sent under the old cap: its refusal says nothing new.
+        `running` counts the jobs the API accepted that we have not seen finish: a little
+        high when some finished unseen, a little low when an acceptance is still being
+        recorded. So the cap drops to one above it, and by at least one: a cap set one too
+        high costs one more refusal, one set too low a slot for many rounds. A submission
+        sent before the cap was last lowered was sent under the old cap: its refusal says
+        nothing new.
         """
         if self.lowered_at is not None and sent_at < self.lowered_at:
             return self
-        value = max(1, min(running, self.value - 1))
+        value = max(1, min(running + 1, self.value - 1))
         return replace(self, value=value, refused=True, credit=0, known=False, lowered_at=now)
 
     def dumps(self) -> str:

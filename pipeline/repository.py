@@ -742,9 +742,9 @@ class Repository:
         else:
             item.finished_at = None
 
-    def slots_in_use(self, pool: str | None = None) -> int:
-        """Nodes holding a parallel-job slot (being submitted or running remotely)."""
-        return self._count_in_pool([NodeState.SUBMITTING, NodeState.RUNNING], pool)
+    def running_in_pool(self, pool: str) -> int:
+        """Nodes whose job the API accepted and we have not yet seen finish."""
+        return self._count_in_pool([NodeState.RUNNING], pool)
 
     def slots_by_pool(self) -> dict[str, int]:
         """Nodes holding a parallel-job slot, per pool (one query)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -130,7 +131,7 @@ class CeleryDispatcher:
     sweeper sends it again, so broker trouble is logged, not raised."""
 
     def submit(self, node_id: int) -> None:
-        self._send("pipeline.submit", [node_id])
+        self._send("pipeline.submit", [node_id, time.time()])
 
     def collect(self, node_ids: Sequence[int]) -> None:
         self._send("pipeline.collect", [list(node_ids)])

@@ -133,8 +133,13 @@ class Context:
 # -- submit ------------------------------------------------------------------------------
 
 
-def submit_node(ctx: Context, node_id: int) -> str:
-    """Submit one node's job exactly once; returns what happened (for logs/tests)."""
+def submit_node(ctx: Context, node_id: int, dispatched_at: float | None = None) -> str:
+    """Submit one node's job exactly once; returns what happened (for logs/tests).
+
+    `dispatched_at` (epoch seconds) is when the sweeper handed the node out, under the cap
+    of that moment: a refusal of a node handed out before the cap was last lowered is no
+    news, however long its task waited in the queue.
+    """
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
     if not ctx.repo.transition(node_id, nodes.Claim(owner)):
         return "not-claimed"
@@ -181,7 +186,7 @@ def submit_node(ctx: Context, node_id: int) -> str:
         if not ctx.repo.transition(node_id, nodes.Renew(owner)):
             raise _ClaimLost(node_id)
 
-    sent_at = ctx.now().timestamp()
+    handed_at = min(dispatched_at or float("inf"), ctx.now().timestamp())
     try:
         with budget.held(ctx.repo, work.run_id, reserved):  # released unless accepted
             submission = ctx.client.generate(
@@ -198,13 +203,10 @@ def submit_node(ctx: Context, node_id: int) -> str:
         if exc.concurrency:
             # The plan's parallel-jobs cap: nothing was created or billed. The cap is lower
             # than we thought; the node goes back to wait for a slot, no one else waits.
-            # What the API allows is at most what we have in flight besides this one; an
-            # acceptance still being recorded elsewhere counts there, so the estimate errs
-            # high, and a further refusal lowers it again, down to the API's own cap.
+            # What the API allows is about what it has accepted from us and not finished.
             pool = pool_of(work.endpoint)
             refused_at = ctx.now().timestamp()
-            others = ctx.repo.slots_in_use(pool) - 1
-            ctx.caps.refused(pool, others, sent_at, refused_at)
+            ctx.caps.refused(pool, ctx.repo.running_in_pool(pool), handed_at, refused_at)
             ctx.repo.record_refused(row_id, nodes.Throttled(0.0, str(exc)))
             return "throttled"
         if exc.status_code == 429:
@@ -222,7 +224,7 @@ def submit_node(ctx: Context, node_id: int) -> str:
     billed = submission.creative_units
     budget.settle(ctx.repo, work.run_id, reserved, billed if billed is not None else found_cost)
     pool = pool_of(work.endpoint)
-    ctx.caps.accepted(pool, ctx.repo.slots_in_use(pool), ctx.repo.waiting_in_pool(pool))
+    ctx.caps.accepted(pool, ctx.repo.running_in_pool(pool), ctx.repo.waiting_in_pool(pool))
     ctx.wake.set()
     return "submitted"
 

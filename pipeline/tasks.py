@@ -18,10 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 @app.task(name="pipeline.submit")
-def submit(node_id: int) -> str:
+def submit(node_id: int, dispatched_at: float | None = None) -> str:
     """Submit one node's job (exactly once, reconciling an earlier intent)."""
     try:
-        return stages.submit_node(runtime.context(), node_id)
+        return stages.submit_node(runtime.context(), node_id, dispatched_at)
     except TransientError as exc:
         logger.warning("submit of node %s deferred: %s", node_id, exc)
         _note(node_id, exc)

@@ -13,20 +13,23 @@ class Cursors(dict[str, str]):
         self[name] = value
 
 
-def test_an_unknown_plan_starts_small_and_doubles_per_round_while_work_waits() -> None:
+def test_an_unknown_plan_starts_small_and_grows_by_half_when_the_api_takes_a_full_cap() -> None:
     cap = Cap()
     assert cap.limit(None) == INITIAL
     assert cap.accepted(INITIAL, waiting=False) == cap  # no demand, no evidence
-    for _ in range(INITIAL):
-        cap = cap.accepted(INITIAL, waiting=True)
-    assert cap.value == 2 * INITIAL
+    for running in range(1, INITIAL):  # the first jobs, accepted one by one: no news yet
+        assert cap.accepted(running, waiting=True) == cap
+    cap = cap.accepted(INITIAL, waiting=True)
+    assert cap.value == 6
+    assert cap.accepted(5, waiting=True) == cap  # taken, but the cap was not full
+    assert cap.accepted(6, waiting=True).value == 9
 
 
-def test_a_refusal_sets_the_cap_to_what_was_running_then_probing_slows_down() -> None:
-    cap = Cap(value=12).refused_at(running=8, sent_at=100.0, now=101.0)
+def test_a_refusal_sets_the_cap_to_one_above_what_was_running_then_probing_slows_down() -> None:
+    cap = Cap(value=12).refused_at(running=7, sent_at=100.0, now=101.0)
     assert (cap.value, cap.refused, cap.lowered_at) == (8, True, 101.0)
     # The rest of the burst, sent under the cap of 12, is refused too: that is no news.
-    assert cap.refused_at(running=8, sent_at=100.5, now=101.2) == cap
+    assert cap.refused_at(running=7, sent_at=100.5, now=101.2) == cap
     for _ in range(ROUNDS_PER_PROBE * 8 - 1):
         cap = cap.accepted(8, waiting=True)
     assert cap.value == 8  # one refusal costs at most one retry per ROUNDS_PER_PROBE rounds
@@ -43,7 +46,7 @@ def test_a_known_cap_is_never_probed_and_the_ceiling_always_wins() -> None:
     cap = Cap(value=10, known=True)
     assert cap.accepted(10, waiting=True) == cap
     assert cap.limit(ceiling=6) == 6 and cap.limit(ceiling=None) == 10
-    assert cap.refused_at(7, 0, 1) == Cap(value=7, refused=True, lowered_at=1)
+    assert cap.refused_at(6, 0, 1) == Cap(value=7, refused=True, lowered_at=1)
     assert cap.refused_at(12, 0, 1) == Cap(value=9, refused=True, lowered_at=1)
 
 
