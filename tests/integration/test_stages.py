@@ -389,9 +389,9 @@ def test_transient_database_errors_delay_items_but_lose_none(
         monkeypatch.setattr(ctx.repo, name, flaky(name))
     real_submit = submit_node
 
-    def submit_as_the_task_does(c: Context, node_id: int) -> str:
+    def submit_as_the_task_does(c: Context, node_id: int, dispatched_at: float | None) -> str:
         try:
-            return real_submit(c, node_id)
+            return real_submit(c, node_id, dispatched_at)
         except DatabaseTransientError:
             return "deferred"  # tasks.submit: the lease expires and the sweeper retries
 
