@@ -97,7 +97,7 @@ class Policy:
     lease: float = 90.0  # a task holding a node longer than this is presumed dead
     max_tries: int = 12  # tasks handed out for one node before it fails (poison guard)
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
-    collect_delay: float = 1.0  # gather finished nodes this long into one collect task
+    collect_delay: float = 10.0  # gather finished nodes up to this long into one collect task
     backoff: Backoff = field(
         default_factory=lambda: Backoff(initial=1.0, multiplier=2.0, maximum=60.0, max_attempts=12)
     )

@@ -823,19 +823,23 @@ class Repository:
                         handed.append(node.id)
         return handed
 
+    def collecting_waiting(self) -> int:
+        """Finished nodes waiting for company before their collect task is sent."""
+        with self._tx() as s:
+            query = select(func.count()).select_from(NodeRow).where(*_gathering(self.now()))
+            return int(s.execute(query).scalar_one())
+
+    def pending_waits(self) -> bool:
+        """Whether any node waits to be submitted (now or after a backoff)."""
+        with self._tx() as s:
+            query = select(NodeRow.id).where(NodeRow.state == NodeState.PENDING).limit(1)
+            return s.execute(query).first() is not None
+
     def collect_now(self) -> None:
         """Make every collecting node that waits for company due now."""
         now = self.now()
         with self._tx() as s:
-            s.execute(
-                update(NodeRow)
-                .where(
-                    NodeRow.state == NodeState.COLLECTING,
-                    NodeRow.claimed_until.is_(None),
-                    NodeRow.due_at > now,
-                )
-                .values(due_at=now)
-            )
+            s.execute(update(NodeRow).where(*_gathering(now)).values(due_at=now))
 
     def in_flight_jobs(self) -> list[InFlightJob]:
         """Every submitted job of a running node that has not reached a terminal status."""
@@ -1353,6 +1357,15 @@ def _values(change: Change) -> dict[str, Any]:
         column = getattr(NodeRow, name)
         values[name] = column + value.by if isinstance(value, Inc) else value
     return values
+
+
+def _gathering(now: datetime) -> list[Any]:
+    """Collecting nodes no task holds, waiting for company until their due time."""
+    return [
+        NodeRow.state == NodeState.COLLECTING,
+        NodeRow.claimed_until.is_(None),
+        NodeRow.due_at > now,
+    ]
 
 
 def _in_pool(pool: str | None) -> list[Any]:

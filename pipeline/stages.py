@@ -77,8 +77,11 @@ class Tuning:
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
     collect_batch: int = 25  # nodes per collect task (one get-bulk for all their assets)
-    collect_delay: float = 1.0  # gather finished nodes this long into one collect task (a
-    # finished job holds no slot, and with nothing else in flight it is collected at once)
+    # Gather finished nodes up to this long into one collect task: a finished job holds no
+    # slot and its children are already spawned, so storing later costs nothing but one
+    # get-bulk per batch. A full batch goes at once, and so does everything waiting once
+    # the last jobs are in flight (their run time hides the storing) or none are.
+    collect_delay: float = 10.0
     coalesce_fraction: float = 0.05  # of a job's expected duration, to batch list polls
     download_attempts: int = 4
     tick: float = 0.5  # the sweeper's longest sleep; it wakes sooner when a timer is due
@@ -492,8 +495,14 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
     in_use = ctx.repo.slots_by_pool()
-    if sum(in_use.values()) == 0:
-        # Nothing else will finish to share a get-bulk with: collect what waits, now.
+    gathering = ctx.repo.collecting_waiting()
+    if gathering and (
+        gathering >= tuning.collect_batch
+        or sum(in_use.values()) == 0
+        or not ctx.repo.pending_waits()
+    ):
+        # A full batch, nothing else to finish and share a get-bulk with, or only the last
+        # jobs in flight (storing now overlaps their run time): collect what waits, now.
         ctx.repo.collect_now()
     to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
     if to_collect:
