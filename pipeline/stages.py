@@ -360,6 +360,8 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
                 newest_update = job.updated_at
             if job.id in by_id:
                 seen[job.id] = job
+                if len(seen) == len(by_id):
+                    break  # newest first: later pages hold nothing about our jobs
     except AuthError:
         raise
     except (TransientError, PermanentError) as exc:
@@ -495,14 +497,16 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
     in_use = ctx.repo.slots_by_pool()
+    in_flight = sum(in_use.values())
     gathering = ctx.repo.collecting_waiting()
     if gathering and (
         gathering >= tuning.collect_batch
-        or sum(in_use.values()) == 0
-        or not ctx.repo.pending_waits()
+        or in_flight == 0
+        or (gathering > in_flight and not ctx.repo.pending_waits())
     ):
-        # A full batch, nothing else to finish and share a get-bulk with, or only the last
-        # jobs in flight (storing now overlaps their run time): collect what waits, now.
+        # A full batch; nothing else to finish and share a get-bulk with; or only the last
+        # jobs in flight and more waiting than they will add (storing it now overlaps their
+        # run time): collect what waits, now.
         ctx.repo.collect_now()
     to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
     if to_collect:
