@@ -32,6 +32,7 @@ from typing import Protocol
 
 INITIAL = 4  # the cap of an API key we know nothing about
 ROUNDS_PER_PROBE = 4
+LIMITS_TTL = 24 * 3600.0  # the plan's limits are asked for at most this often per API key
 POOLS = ("custom", "inference")
 
 
@@ -121,6 +122,22 @@ class CapacityStore:
     def __init__(self, cursors: Cursors, api_host: str, api_key: str) -> None:
         self._cursors = cursors
         self._names = {pool: cursor_name(api_host, api_key, pool) for pool in POOLS}
+        self._asked = cursor_name(api_host, api_key, "limits-asked-at")
+
+    def limits_due(self, now: float) -> bool:
+        """Whether to ask the API for the plan's limits: not in the last LIMITS_TTL.
+
+        A key that may not read them would otherwise pay two refused requests per run; a
+        key that may has its caps stored as known, and a refusal still lowers them.
+        """
+        try:
+            asked = float(self._cursors.get_cursor(self._asked) or "-inf")
+        except ValueError:
+            return True
+        return not asked <= now < asked + LIMITS_TTL
+
+    def limits_asked(self, now: float) -> None:
+        self._cursors.set_cursor(self._asked, repr(now))
 
     def get(self, pool: str) -> Cap:
         return Cap.loads(self._cursors.get_cursor(self._names[pool]))

@@ -675,7 +675,9 @@ class ScenarioClient:
 
     def plan_limits(self) -> dict[str, int] | None:
         """The plan's parallel-job caps {"custom": n, "inference": m}, when the key may read
-        them (GET /teams, then GET /teams/{teamId}/limits; not in the Swagger, in the SDK)."""
+        them (GET /teams, then GET /teams/{teamId}/limits; not in the Swagger, in the SDK).
+
+        None when it may not; a transient failure raises, so that it is asked again."""
         try:
             teams = self._call("GET", "/teams", retry=True).get("teams") or []
             team = next((t.get("id") for t in teams if isinstance(t, dict) and t.get("id")), None)
@@ -683,8 +685,8 @@ class ScenarioClient:
                 return None
             path = f"/teams/{quote(team, safe='')}/limits"
             limits = self._call("GET", path, retry=True).get("limits") or {}
-        except (ApiPermanentError, ApiTransientError):
-            return None  # no access (403), not there (404), or not now: learn them instead
+        except ApiPermanentError:
+            return None  # no access (403) or not there (404): learn them instead
         names = (("custom", "parallelCustomJobs"), ("inference", "parallelInferences"))
         found = {
             pool: int(limits[name])

@@ -446,7 +446,7 @@ class SweeperState:
 
     api_host: str
     last_list_at: float = float("-inf")
-    limits_read: bool = False  # the plan's caps are read once per sweeper, when allowed
+    limits_read: bool = False  # the plan's caps are read at most once per sweeper
     list_gap: float = 0.0  # the least time between two list polls, as last computed
     window_until: float = float("-inf")  # monotonic end of the wait that batches a poll
     lease_renew_at: float = float("-inf")  # monotonic time to renew the sweeper lease
@@ -519,9 +519,12 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)
     if not state.limits_read:
         state.limits_read = True
-        limits = ctx.client.plan_limits()
-        if limits:
-            ctx.caps.known(limits)
+        now = time.time()
+        if ctx.caps.limits_due(now):
+            limits = ctx.client.plan_limits()
+            if limits:
+                ctx.caps.known(limits)
+            ctx.caps.limits_asked(now)
     fresh = []
     report.full = True
     for pool in POOLS:

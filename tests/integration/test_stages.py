@@ -497,3 +497,17 @@ def test_the_plans_cap_is_learned_without_being_configured(ctx: Context, sandbox
     assert report_of(ctx, second)["status"] == "succeeded"
     assert sandbox.stats()["responses_429"]["parallel"] <= refused + 6
     assert sandbox.stats()["duplicate_submissions"] == 0
+    # This key may not read its plan's limits: asked once, not again on every run.
+    assert sandbox.stats()["requests"]["GET /teams/{teamId}/limits"] == 1
+
+
+def test_a_key_that_may_read_its_plans_limits_is_never_refused(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    sandbox.configure(parallel_jobs=5, latency=0.3, limits_access=True)
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=None)
+    run_id = record(ctx, [f"icon {n}" for n in range(15)])
+    drain(ctx, SweeperState(api_host="sandbox"), timeout=60)
+    assert report_of(ctx, run_id)["status"] == "succeeded"
+    assert sandbox.stats()["responses_429"]["parallel"] == 0
+    assert ctx.caps.get("custom").value == 5 and ctx.caps.get("custom").known

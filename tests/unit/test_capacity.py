@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from pipeline.capacity import INITIAL, ROUNDS_PER_PROBE, Cap, CapacityStore, cursor_name, pool_of
+from pipeline.capacity import (
+    INITIAL,
+    LIMITS_TTL,
+    ROUNDS_PER_PROBE,
+    Cap,
+    CapacityStore,
+    cursor_name,
+    pool_of,
+)
 
 
 class Cursors(dict[str, str]):
@@ -71,3 +79,14 @@ def test_a_damaged_stored_value_falls_back_to_the_default() -> None:
 def test_pools_follow_the_endpoint() -> None:
     assert pool_of("custom") == "custom"
     assert pool_of("txt2img") == pool_of("remove-background") == "inference"
+
+
+def test_the_plans_limits_are_asked_for_at_most_once_a_day_per_key() -> None:
+    cursors = Cursors()
+    store = CapacityStore(cursors, "api.example", "key-a")
+    assert store.limits_due(now=1000.0)
+    store.limits_asked(now=1000.0)
+    assert not store.limits_due(now=1000.0 + 3600)
+    assert store.limits_due(now=1000.0 + LIMITS_TTL + 1)
+    assert store.limits_due(now=500.0)  # a clock set back does not silence it for a day
+    assert CapacityStore(cursors, "api.example", "key-b").limits_due(now=1000.0 + 3600)
