@@ -72,9 +72,9 @@ class Cap:
     def refused_at(self, running: int, sent_at: float, now: float) -> Cap:
         """The API refused a submission sent at `sent_at` while `running` jobs ran.
 
-        `running` counts the jobs the API accepted that we have not seen finish: a little
-        high when some finished unseen, a little low when an acceptance is still being
-        recorded. So the cap drops to one above it, and by at least one: a cap set one too
+        `running` counts the jobs the API accepted that we have not seen finish and the
+        other POSTs out at the time: a little high when some finished unseen, low only in a
+        race. So the cap drops to one above it, and by at least one: a cap set one too
         high costs one more refusal, one set too low a slot for many rounds. A submission
         sent before the cap was last lowered was sent under the old cap: its refusal says
         nothing new.

@@ -746,6 +746,26 @@ class Repository:
         """Nodes whose job the API accepted and we have not yet seen finish."""
         return self._count_in_pool([NodeState.RUNNING], pool)
 
+    def sent_in_pool(self, pool: str) -> int:
+        """Running nodes plus those whose POST is out (an intent written, no answer
+        recorded yet): what the API may count as ours right now."""
+        posting = (
+            select(JobRow.id)
+            .where(
+                JobRow.node_id == NodeRow.id,
+                JobRow.scenario_job_id.is_(None),
+                JobRow.finished_at.is_(None),
+            )
+            .exists()
+        )
+        either = or_(
+            NodeRow.state == NodeState.RUNNING,
+            and_(NodeRow.state == NodeState.SUBMITTING, posting),
+        )
+        with self._tx() as s:
+            query = select(func.count()).select_from(NodeRow).where(either, *_in_pool(pool))
+            return int(s.execute(query).scalar_one())
+
     def slots_by_pool(self) -> dict[str, int]:
         """Nodes holding a parallel-job slot, per pool (one query)."""
         pool = case((NodeRow.endpoint == "custom", "custom"), else_="inference")

@@ -210,10 +210,12 @@ def submit_node(ctx: Context, node_id: int, dispatched_at: float | None = None) 
         if exc.concurrency:
             # The plan's parallel-jobs cap: nothing was created or billed. The cap is lower
             # than we thought; the node goes back to wait for a slot, no one else waits.
-            # What the API allows is about what it has accepted from us and not finished.
+            # What the API allows is about what it had from us: the jobs running and the
+            # POSTs out besides this one (an acceptance not yet recorded counts).
             pool = pool_of(work.endpoint)
             refused_at = ctx.now().timestamp()
-            ctx.caps.refused(pool, ctx.repo.running_in_pool(pool), handed_at, refused_at)
+            others = ctx.repo.sent_in_pool(pool) - 1
+            ctx.caps.refused(pool, others, handed_at, refused_at)
             ctx.repo.record_refused(row_id, nodes.Throttled(0.0, str(exc)))
             return "throttled"
         if exc.status_code == 429:
