@@ -64,7 +64,7 @@ class Tuning:
     parallel_jobs: int | None = None  # a ceiling; the cap itself is learned (pipeline.capacity)
     lease_seconds: float = 90.0  # a task holding a node longer than this is presumed dead
     max_dispatches: int = 12  # poison guard: tasks handed out for one node before it fails
-    # Least time between two GET /jobs list polls; None: a tenth of the shortest expected
+    # Least time between two GET /jobs list polls; None: a twentieth of the shortest expected
     # job duration in flight, within [LIST_INTERVAL_MIN, LIST_INTERVAL_MAX].
     list_interval: float | None = None
     # updatedAfter margin for late writes to the API's index (both ends of it are Scenario's own
@@ -82,7 +82,7 @@ class Tuning:
     # get-bulk per batch. A full batch goes at once, and so does everything waiting once
     # the last jobs are in flight (their run time hides the storing) or none are.
     collect_delay: float = 10.0
-    coalesce_fraction: float = 0.05  # of a job's expected duration, to batch list polls
+    coalesce_fraction: float = 0.02  # of a job's expected duration, to batch list polls
     download_attempts: int = 4
     tick: float = 0.5  # the sweeper's longest sleep; it wakes sooner when a timer is due
     backoff: Backoff = field(
@@ -301,7 +301,7 @@ def next_poll_in(
             return poll_delay(elapsed=0.0, expected=None, polls=0, rng=rng) / 4
         return min(max(0.2 * elapsed, 0.25), POLL_CAP)
     if elapsed < expected:
-        return max(0.05, expected - elapsed + min(0.02 * expected, 0.5))
+        return max(0.05, expected - elapsed + min(0.005 * expected + 0.01, 0.25))
     step = max(0.05 * expected, 0.5 * (elapsed - expected))
     jitter = 1.0 + (rng.uniform(-0.1, 0.1) if rng else 0.0)
     return min(step * jitter, POLL_CAP)
@@ -411,17 +411,19 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
 
 
 def list_interval(ctx: Context, state: SweeperState, jobs: Sequence[InFlightJob]) -> float:
-    """The least time between two list polls: a tenth of the shortest job in flight.
+    """The least time between two list polls: a twentieth of the shortest job in flight.
 
-    A 2 s tool job is then noticed within 0.2 s of finishing and a 40 s generation costs no
-    more than one list call a second, whatever the number of jobs in flight.
+    A 3 s tool job is then noticed within 0.15 s of finishing and a 40 s generation costs
+    no more than one list call a second, whatever the number of jobs in flight. While no
+    duration is known the jobs' own schedule (looks at a fifth of their age) paces the
+    list, so the first jobs of a model are noticed as soon as that schedule allows.
     """
     if ctx.tuning.list_interval is not None:
         return ctx.tuning.list_interval
     durations = [d for d in (state.expected(ctx, m) for m in {j.model for j in jobs}) if d]
     if not durations:
-        return LIST_INTERVAL_MIN * 5
-    return min(max(0.1 * min(durations), LIST_INTERVAL_MIN), LIST_INTERVAL_MAX)
+        return LIST_INTERVAL_MIN
+    return min(max(0.05 * min(durations), LIST_INTERVAL_MIN), LIST_INTERVAL_MAX)
 
 
 def _straggling(ctx: Context, state: SweeperState, job: InFlightJob, now: datetime) -> bool:
