@@ -1,7 +1,10 @@
 """The pipeline beside its peers: one sandbox, the same limits and time scale, one table.
 
-    python benchmarks/peers_bench.py     # N=40, P=8, real seconds, every case once: ~8 min
-    python benchmarks/peers_bench.py --repeat 3 --json peers.json   # medians of 3: ~25 min
+    python benchmarks/peers_bench.py     # N=100, P=8, real seconds, every case once: ~14 min
+    python benchmarks/peers_bench.py --repeat 3 --json peers.json   # medians of 3: ~40 min
+    python benchmarks/peers_bench.py --items 40 --case L=1s   # a quicker look at one case
+
+N=100 one-image items against 8 parallel jobs is the case issue 9 was filed with.
     python benchmarks/peers_bench.py --scale 0.1    # everything ten times shorter
 
 For each case it starts one sandbox (`pipeline sandbox` in a subprocess, loopback; jobs of
@@ -428,7 +431,7 @@ def table(results: list[tuple[Case, list[dict[str, Any]]]], args: argparse.Names
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=40, help="N, one-image items per run")
+    parser.add_argument("--items", type=int, default=100, help="N, one-image items per run")
     parser.add_argument("--parallel", type=int, default=8, help="P, the sandbox's job cap")
     parser.add_argument("--scale", type=float, default=1.0, help="time scale (L, intervals)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; medians shown")
