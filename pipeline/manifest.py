@@ -915,6 +915,11 @@ class _FieldLines(Mapping[str, int]):
             return self._locs[(key,)]
         return self._all()[key]
 
+    def __contains__(self, key: object) -> bool:
+        if self._paths is None and isinstance(key, str) and (key,) in self._locs:
+            return True  # a top-level field, found without rendering every path
+        return key in self._all()
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._all())
 
