@@ -144,14 +144,14 @@ def _detail(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
 
 
-def run_command(manifest: Path, profile: Path | None) -> None:
+def run_command(manifest: Path, options: list[str], profile: Path | None) -> None:
     from pipeline import cli
 
     profiler = cProfile.Profile() if profile else None
     try:
         if profiler:
             profiler.enable()
-        cli.app(["run", str(manifest), "--sandbox"], standalone_mode=False)
+        cli.app(["run", str(manifest), "--sandbox", *options], standalone_mode=False)
     except _Stopped:
         pass
     finally:
@@ -180,6 +180,7 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--postgres", action="store_true", help="a fresh PostgreSQL database")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the command here")
+    parser.add_argument("--no-online-check", action="store_true", help="passed to the command")
     parser.add_argument(
         "--process", type=float, default=0.0, help="seconds to go on processing, sampling RSS"
     )
@@ -211,7 +212,7 @@ def main() -> int:
             from pipeline import cli  # noqa: F401
         samples: list[tuple[float, float, str]] = []
         instrument(clock, args.process, samples)
-        run_command(manifest, args.profile)
+        run_command(manifest, ["--no-online-check"] if args.no_online_check else [], args.profile)
         ended = peak_mb()
         report(args.items, manifest.stat().st_size, where, clock, started, ended)
     if samples:
