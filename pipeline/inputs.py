@@ -244,6 +244,8 @@ def _requests(manifest: Manifest) -> Iterator[_Request]:
             has_image=item.image is not None,
             inherits=True,
         )
+        if not item.steps:
+            continue
         # Every key has a line: the item has its own steps when `items[i].steps` has one.
         if f"items[{i}].steps" in lines:
             for j, step in enumerate(item.steps):

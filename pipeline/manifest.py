@@ -50,7 +50,9 @@ Every problem is reported, as `file:line: field: message`, with `field` a path s
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import hashlib
 import os
 import re
@@ -481,7 +483,8 @@ class _Loader:
     # -- loading -------------------------------------------------------------------
     def load(self) -> Manifest:
         try:
-            return self._load()
+            with _collector_paused():
+                return self._load()
         except ManifestError as exc:
             # A safety net: each problem is one line that does not grow with the input.
             lines = [shorten(one_line(p), MAX_PROBLEM_CHARS, middle=True) for p in exc.problems]
@@ -889,6 +892,23 @@ def storage_key_problems(
                 )
                 break
     return problems
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a manifest loads.
+
+    A 100,000-item manifest makes millions of objects, none of them in a cycle: each
+    collection the allocations trigger would walk them all again for nothing (a fifth of
+    the load's time). Garbage is still freed as usual, by reference counting.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _loc_text(loc: Loc) -> str:
