@@ -51,6 +51,7 @@ class Clock:
         self.phases: list[tuple[float, str, float, float]] = []  # (start, label, wall, cpu)
         self.first_dispatch = threading.Event()
         self.dispatched_at: tuple[float, float] | None = None
+        self.recorded_at: tuple[float, float] | None = None  # when start_runs returned
 
     @staticmethod
     def now() -> tuple[float, float]:
@@ -74,7 +75,10 @@ class Clock:
         @functools.wraps(original)
         def timed(*args: Any, **kwargs: Any) -> Any:
             with self.phase(label):
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
+            if name == "start_runs":
+                self.recorded_at = self.now()
+            return result
 
         setattr(owner, name, timed)
 
@@ -161,15 +165,23 @@ def run_command(manifest: Path, options: list[str], profile: Path | None) -> Non
 
 
 def report(
-    items: int, size: int, where: str, clock: Clock, started: tuple[float, float], ended: float
+    items: int,
+    size: int,
+    where: str,
+    command: str,
+    clock: Clock,
+    started: tuple[float, float],
+    ended: float,
 ) -> None:
-    print(f"{items} items ({size / 1e6:.1f} MB of YAML), {where}: `pipeline run FILE --sandbox`")
+    print(f"{items} items ({size / 1e6:.1f} MB of YAML), {where}: `{command}`")
     print(f"  {'phase':40} {'wall s':>7} {'cpu s':>7}")
     for _start, label, wall, cpu in sorted(clock.phases):
         print(f"  {label:40} {wall:7.2f} {cpu:7.2f}")
     assert clock.dispatched_at is not None
-    after = max(start + wall for start, label, wall, _cpu in clock.phases if "start_runs" in label)
-    print(f"  {'from recorded to the first dispatch':40} {clock.dispatched_at[0] - after:7.2f}")
+    recorded = clock.recorded_at
+    assert recorded is not None
+    wall, cpu = clock.dispatched_at[0] - recorded[0], clock.dispatched_at[1] - recorded[1]
+    print(f"  {'from recorded to the first dispatch':40} {wall:7.2f} {cpu:7.2f}")
     wall, cpu = clock.dispatched_at[0] - started[0], clock.dispatched_at[1] - started[1]
     print(f"  {'until the first work is enqueued':40} {wall:7.2f} {cpu:7.2f}")
     print(f"  {'peak memory until then (MB)':40} {ended:7.0f}")
@@ -212,9 +224,11 @@ def main() -> int:
             from pipeline import cli  # noqa: F401
         samples: list[tuple[float, float, str]] = []
         instrument(clock, args.process, samples)
-        run_command(manifest, ["--no-online-check"] if args.no_online_check else [], args.profile)
+        options = ["--no-online-check"] if args.no_online_check else []
+        run_command(manifest, options, args.profile)
         ended = peak_mb()
-        report(args.items, manifest.stat().st_size, where, clock, started, ended)
+        command = " ".join(["pipeline run FILE --sandbox", *options])
+        report(args.items, manifest.stat().st_size, where, command, clock, started, ended)
     if samples:
         first = samples[0][0]
         print("  processing: seconds after the first dispatch, RSS MB, items")
