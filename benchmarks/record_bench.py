@@ -7,11 +7,12 @@
 
 It writes an N-item manifest and runs the real command, `pipeline run FILE --sandbox`
 (embedded: sandbox, worker and sweeper in this process), on a fresh SQLite file, or with
-`--postgres` on a fresh PostgreSQL database (tests/services.py; dropped afterwards). The
+`--postgres` on a fresh PostgreSQL database (tests/services.py; upgraded beforehand by
+`pipeline db upgrade`, which is not timed, and dropped afterwards). The
 figure is what a user waits for: from importing the CLI to the sweeper handing the first
 node to a task; the command is stopped there. Each phase is timed by wrapping the function
 the CLI calls for it, in wall and CPU seconds (CPU: every thread of the process), with the
-process's peak memory (ru_maxrss).
+process's peak memory (ru_maxrss). `--no-online-check` is passed on to the command.
 
 `--process SECONDS` lets the command go on that long after the first dispatch and samples
 the process's memory (RSS) while the worker and sweeper process items: run it at 1,000 and
