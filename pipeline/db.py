@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, Table, create_engine, event, insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -130,6 +131,84 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def insert_many(
+    connection: Connection,
+    table: Table,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    constants: Mapping[str, Any] | None = None,
+    *,
+    chunk: int = 5000,
+) -> None:
+    """INSERT `rows` (values in `columns` order) with `constants` in every row.
+
+    Core's executemany runs every value of every row through its column's type (a datetime
+    converted and formatted, an enum checked, JSON serialised) and builds a dict per row;
+    for a 100,000-item run that was most of the time spent recording it. The same type
+    processors run here, but a constant's once, and rows reach the driver as they are.
+    Every column with a Python-side default must be given (in `columns` or `constants`).
+    """
+    dialect = connection.dialect
+    fixed = dict(constants or {})
+    compiled = insert(table).compile(
+        dialect=dialect, column_keys=[*columns, *fixed], for_executemany=True
+    )
+    names = list(compiled.positiontup or []) if dialect.positional else list(compiled.binds)
+    missing = sorted(set(names) - set(columns) - set(fixed))
+    if missing:
+        raise ValueError(f"insert_many into {table.name}: no value for {', '.join(missing)}")
+
+    def processor(name: str) -> Any:
+        return compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+
+    fixed = {
+        name: process(value) if (process := processor(name)) else value
+        for name, value in fixed.items()
+    }
+    position = {name: n for n, name in enumerate(columns)}
+    # Per statement parameter: (index in a row, its processor, None), or (None, None, value).
+    slots = [
+        (position[name], processor(name), None) if name in position else (None, None, fixed[name])
+        for name in names
+    ]
+
+    def values(row: Sequence[Any]) -> list[Any]:
+        return [
+            constant if n is None else process(row[n]) if process else row[n]
+            for n, process, constant in slots
+        ]
+
+    if dialect.name == "postgresql":
+        _copy_rows(connection, table, names, (values(row) for row in rows))
+        return
+    sql = str(compiled)
+    batches = iter(rows)
+    while batch := list(itertools.islice(batches, chunk)):
+        if dialect.positional:
+            params: list[Any] = [tuple(values(row)) for row in batch]
+        else:
+            params = [dict(zip(names, values(row), strict=True)) for row in batch]
+        connection.exec_driver_sql(sql, params)
+
+
+def _copy_rows(
+    connection: Connection, table: Table, names: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """PostgreSQL: COPY the rows in, in the connection's transaction (twice as fast as an
+    executemany of INSERTs, a tenth of its CPU). Driver errors are wrapped as SQLAlchemy's."""
+    quote = connection.dialect.identifier_preparer
+    columns = ", ".join(quote.quote(table.c[name].name) for name in names)
+    sql = f"COPY {quote.format_table(table)} ({columns}) FROM STDIN"
+    raw: Any = connection.connection.dbapi_connection  # psycopg's: it has cursor().copy()
+    dbapi = connection.dialect.loaded_dbapi
+    try:
+        with raw.cursor() as cursor, cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -144,9 +144,12 @@ class Executor:
         budget: float | None = None,
         trigger: str = "run",
     ) -> str:
-        """Upload inputs, decide skips, and record the run and its items (one transaction)."""
+        """Upload inputs, decide skips, and record the run and its items (one transaction).
+
+        The manifest has been through `check` (batch.start_runs checks every manifest before
+        the first run is recorded; recording one adds no stored key another could hit).
+        """
         repo, storage = self.ctx.repo, self.ctx.storage
-        self._refuse_overwrites(manifest)
         uploaded = self._upload_inputs(manifest)
         asset_ids = {sha: asset for sha, (_, asset) in uploaded.items()}
         stored = {} if force else repo.find_stored_outputs(i.item_key for i in manifest.items)

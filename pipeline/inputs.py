@@ -13,8 +13,8 @@ Problems are `file:line: field: message`, the line found in `Manifest.lines`.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import ApiPermanentError
@@ -23,8 +23,8 @@ from pipeline.manifest import Manifest, StepSpec
 # Model types whose models POST /generate/custom refuses (prefixes, as Scenario names them).
 INFERENCE_ONLY_PREFIXES = ("sd-1_5", "sd-xl", "flux.1")
 # Inputs the pipeline fills in itself, per kind of request.
-GENERATION_SET = {"prompt", "seed", "modelId", "image", "referenceImages"}
-STEP_SET = {"image", "modelId"}
+GENERATION_SET = frozenset({"prompt", "seed", "modelId", "image", "referenceImages"})
+STEP_SET = frozenset({"image", "modelId"})
 
 Describe = Callable[[str], dict[str, Any] | None]
 
@@ -47,19 +47,40 @@ class ModelCache:
         return self._known[model_id]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
-    """One kind of request a manifest makes, with where its params come from."""
+    """One request a manifest makes, with where its params come from."""
 
     model: str
     endpoint: str
     params: dict[str, Any]
-    sets: set[str]  # inputs the pipeline sends itself
-    where: Callable[[str], str]  # param name -> field path for the report
+    sets: frozenset[str]  # inputs the pipeline sends itself
+    params_at: str  # field path of its own params: items[2].params, steps[0].params
     model_field: str
     endpoint_field: str
     has_image: bool = False
-    problems: list[tuple[str, str]] = field(default_factory=list)
+    inherits: bool = False  # params missing from its own come from the manifest's `params`
+
+    def signature(self) -> tuple[Any, ...]:
+        """What decides its problems, field paths aside (equal reprs: equal JSON values)."""
+        return (self.model, self.endpoint, self.sets, self.has_image, repr(self.params))
+
+    def where(self, name: str, lines: Mapping[str, int]) -> str:
+        """The field path of one of its params, as written in the manifest."""
+        own = f"{self.params_at}.{name}"
+        if not self.inherits or own in lines or f"params.{name}" not in lines:
+            return own
+        return f"params.{name}"
+
+    def field_of(self, kind: str, name: str, lines: Mapping[str, int]) -> str:
+        """The field path a problem of this kind (see check_request) is reported at."""
+        if kind == "model":
+            return self.model_field
+        if kind == "endpoint":
+            return self.endpoint_field
+        if kind == "required":
+            return self.where(name, lines).rpartition(".")[0] or "params"
+        return self.where(name, lines)
 
 
 def inference_only(model_type: str | None) -> bool:
@@ -79,28 +100,40 @@ def suggested_endpoint(model_type: str, has_image: bool) -> str:
 
 
 def check_manifest(manifest: Manifest, describe: Describe, shown: str | None = None) -> list[str]:
-    """Every problem of the manifest's params against its models' inputs (sorted by line)."""
+    """Every problem of the manifest's params against its models' inputs (sorted by line).
+
+    Items that send the same request share one check (a big manifest has few distinct
+    requests); each item's problems are still reported at its own fields.
+    """
     path = shown or str(manifest.path)
+    lines = manifest.lines
+    checked: dict[tuple[Any, ...], list[tuple[str, str, str]]] = {}
     problems: dict[tuple[int, str, str], None] = {}
     for request in _requests(manifest):
-        for fld, message in check_request(request, describe):
-            line = _line(manifest, fld)
-            problems[(line, fld, message)] = None
+        signature = request.signature()
+        found = checked.get(signature)
+        if found is None:
+            found = checked[signature] = check_request(request, describe)
+        for kind, name, message in found:
+            fld = request.field_of(kind, name, lines)
+            problems[(_line(manifest, fld), fld, message)] = None
     return [f"{path}:{line}: {fld}: {msg}" for line, fld, msg in sorted(problems)]
 
 
-def check_request(request: _Request, describe: Describe) -> list[tuple[str, str]]:
-    """(field, message) problems of one request."""
+def check_request(request: _Request, describe: Describe) -> list[tuple[str, str, str]]:
+    """(kind, param name, message) problems of one request; kind is model, endpoint, param
+    or required (`_Request.field_of` says where each is reported)."""
     model = describe(request.model)
     if model is None:
-        return [(request.model_field, f"model {request.model} not found (GET /models -> 404)")]
-    found: list[tuple[str, str]] = []
+        return [("model", "", f"model {request.model} not found (GET /models -> 404)")]
+    found: list[tuple[str, str, str]] = []
     model_type = str(model.get("type") or "")
     if request.endpoint == "custom" and inference_only(model_type):
         use = suggested_endpoint(model_type, request.has_image)
         found.append(
             (
-                request.endpoint_field,
+                "endpoint",
+                "",
                 f"model {request.model} (type {model_type}) cannot run on /generate/custom; "
                 f"set `endpoint: {use}` (POST /generate/{use} with the model as modelId)",
             )
@@ -113,21 +146,14 @@ def check_request(request: _Request, describe: Describe) -> list[tuple[str, str]
         if spec is None:
             close = difflib.get_close_matches(name, sorted(inputs), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            found.append(
-                (request.where(name), f"model {request.model} has no input {name!r}{hint}")
-            )
+            found.append(("param", name, f"model {request.model} has no input {name!r}{hint}"))
             continue
         problem = value_problem(spec, value)
         if problem:
-            found.append((request.where(name), problem))
+            found.append(("param", name, problem))
     for name, spec in inputs.items():
         if _required(spec) and name not in request.params and name not in request.sets:
-            found.append(
-                (
-                    request.where(name).rpartition(".")[0] or "params",
-                    f"model {request.model} requires the input {name!r}",
-                )
-            )
+            found.append(("required", name, f"model {request.model} requires the input {name!r}"))
     return found
 
 
@@ -201,45 +227,44 @@ def _line(manifest: Manifest, fld: str) -> int:
     return 1
 
 
-def _requests(manifest: Manifest) -> list[_Request]:
-    """The distinct requests a manifest makes, each with its params' field paths."""
+def _requests(manifest: Manifest) -> Iterator[_Request]:
+    """Every request the manifest makes: each item's generation, then its recipe steps."""
     lines = manifest.lines
-    requests: list[_Request] = []
+    endpoint_field = "endpoint" if "endpoint" in lines else "model"
+    shared_steps: dict[int, _Request] = {}  # the manifest's steps, made once
     for i, item in enumerate(manifest.items):
-
-        def where(name: str, i: int = i) -> str:
-            own = f"items[{i}].params.{name}"
-            return own if own in lines or f"params.{name}" not in lines else f"params.{name}"
-
-        sets = set(GENERATION_SET)
-        requests.append(
-            _Request(
-                model=manifest.model,
-                endpoint=item.endpoint,
-                params=dict(item.params),
-                sets=sets,
-                where=where,
-                model_field="model",
-                endpoint_field="endpoint" if "endpoint" in lines else "model",
-                has_image=item.image is not None,
-            )
+        yield _Request(
+            model=manifest.model,
+            endpoint=item.endpoint,
+            params=item.params,
+            sets=GENERATION_SET,
+            params_at=f"items[{i}].params",
+            model_field="model",
+            endpoint_field=endpoint_field,
+            has_image=item.image is not None,
+            inherits=True,
         )
-        own_steps = any(k.startswith(f"items[{i}].steps") for k in lines)
-        base = f"items[{i}].steps" if own_steps else "steps"
+        if not item.steps:
+            continue
+        # Every key has a line: the item has its own steps when `items[i].steps` has one.
+        if f"items[{i}].steps" in lines:
+            for j, step in enumerate(item.steps):
+                yield _step_request(manifest, step, f"items[{i}].steps[{j}]")
+            continue
         for j, step in enumerate(item.steps):
-            requests.append(_step_request(manifest, step, f"{base}[{j}]"))
-    return requests
+            if j not in shared_steps:
+                shared_steps[j] = _step_request(manifest, step, f"steps[{j}]")
+            yield shared_steps[j]
 
 
 def _step_request(manifest: Manifest, step: StepSpec, at: str) -> _Request:
     lines = manifest.lines
-    sets = set(STEP_SET) | ({"prompt"} if step.prompt is not None else set())
     return _Request(
         model=step.model,
         endpoint=step.endpoint,
-        params=dict(step.params),
-        sets=sets,
-        where=lambda name: f"{at}.params.{name}",
+        params=step.params,
+        sets=STEP_SET | ({"prompt"} if step.prompt is not None else set()),
+        params_at=f"{at}.params",
         model_field=f"{at}.model",
         endpoint_field=f"{at}.endpoint" if f"{at}.endpoint" in lines else f"{at}.model",
         has_image=True,

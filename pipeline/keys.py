@@ -39,7 +39,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def _canonical(value: Any) -> Any:
     """Normalise a JSON value so that equal requests hash equally."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    kind = type(value)  # the exact built-in types first: items' keys are most of a big run
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return int(value) if value.is_integer() else value
+    if kind is dict:
+        return {k if type(k) is str else str(k): _canonical(v) for k, v in value.items()}
+    if kind is list:
+        return [_canonical(v) for v in value]
+    if isinstance(value, bool | str):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -52,15 +61,15 @@ def _canonical(value: Any) -> Any:
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
+# One encoder for every key: json.dumps builds a new one on each call with these options.
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+)
+
+
 def canonical_json(value: Any) -> str:
     """Serialise a JSON value canonically: sorted keys, no whitespace, ASCII."""
-    return json.dumps(
-        _canonical(value),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
-    )
+    return _ENCODER.encode(_canonical(value))
 
 
 def compute_item_key(

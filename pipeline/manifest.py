@@ -50,8 +50,9 @@ Every problem is reported, as `file:line: field: message`, with `field` a path s
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import difflib
+import gc
 import hashlib
 import os
 import re
@@ -168,7 +169,7 @@ class StepSpec:
 
     def request_body(self, input_asset: str) -> dict[str, Any]:
         """The JSON body of this step run on one input asset."""
-        body = copy.deepcopy(self.params)
+        body = _copy_json(self.params)
         if self.prompt is not None:
             body["prompt"] = self.prompt
         if self.endpoint != "custom":
@@ -219,7 +220,7 @@ class ItemSpec:
             except KeyError:
                 raise KeyError(f"no uploaded asset id for {file.path} ({file.sha256})") from None
 
-        body = copy.deepcopy(self.params)
+        body = _copy_json(self.params)
         if self.prompt is not None:
             body["prompt"] = self.prompt
         body["seed"] = self.seed
@@ -402,6 +403,15 @@ def validate_files(
     return problems
 
 
+def _copy_json(value: Any) -> Any:
+    """A copy of a JSON value (its lists and mappings new), much cheaper than deepcopy."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) if isinstance(v, dict | list) else v for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) if isinstance(v, dict | list) else v for v in value]
+    return value
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -473,7 +483,8 @@ class _Loader:
     # -- loading -------------------------------------------------------------------
     def load(self) -> Manifest:
         try:
-            return self._load()
+            with _collector_paused():
+                return self._load()
         except ManifestError as exc:
             # A safety net: each problem is one line that does not grow with the input.
             lines = [shorten(one_line(p), MAX_PROBLEM_CHARS, middle=True) for p in exc.problems]
@@ -883,6 +894,23 @@ def storage_key_problems(
     return problems
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a manifest loads.
+
+    A 100,000-item manifest makes millions of objects, none of them in a cycle: each
+    collection the allocations trigger would walk them all again for nothing (a fifth of
+    the load's time). Garbage is still freed as usual, by reference counting.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _loc_text(loc: Loc) -> str:
     """A location as a field path (`items[2].params.width`): ints are list indices."""
     text = ""
@@ -914,6 +942,11 @@ class _FieldLines(Mapping[str, int]):
         if self._paths is None and key.isidentifier() and (key,) in self._locs:
             return self._locs[(key,)]
         return self._all()[key]
+
+    def __contains__(self, key: object) -> bool:
+        if self._paths is None and isinstance(key, str) and (key,) in self._locs:
+            return True  # a top-level field, found without rendering every path
+        return key in self._all()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._all())

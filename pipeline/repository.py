@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pipeline import nodes
-from pipeline.db import make_sessionmaker, translate_errors
+from pipeline.db import insert_many, make_sessionmaker, translate_errors
 from pipeline.keys import compute_step_key
 from pipeline.models import (
     FINAL_ITEM_STATUSES,
@@ -56,6 +56,31 @@ ACTIVE_JOB_STATUSES = [s for s in JobStatus if not s.terminal]
 ITEMS = cast(Table, ItemRow.__table__)
 NODES = cast(Table, NodeRow.__table__)
 ITEM_INPUTS = cast(Table, ItemInputRow.__table__)
+# The varying columns of a new run's rows (pipeline.db.insert_many); the rest are constants.
+NEW_ITEM_COLUMNS = (
+    "manifest_item_id",
+    "line",
+    "item_key",
+    "prompt",
+    "seed",
+    "model",
+    "trained_model",
+    "params",
+    "recipe",
+    "status",
+    "skipped_from_id",
+    "finished_at",
+)
+FRESH_NODE_COLUMNS = (
+    "item_id",
+    "node_key",
+    "model",
+    "endpoint",
+    "body",
+    "expected_outputs",
+    "output_template",
+    "final",
+)
 
 
 @dataclass(frozen=True)
@@ -341,35 +366,40 @@ class Repository:
                     )
                     self._refresh_item(s, item_id, now)
                     continue
-                state, values = nodes.born(reused_outputs=None, stores_outputs=False, now=now)
                 fresh.append(
-                    {
-                        "run_id": run_id,
-                        "item_id": item_id,
-                        "parent_id": None,
-                        "step": 0,
-                        "branch": 0,
-                        "parent_output": None,
-                        "node_key": spec.generation_key,
-                        "model": spec.model,
-                        "endpoint": spec.endpoint,
-                        "body": spec.body,
-                        "input_asset": None,
-                        "expected_outputs": spec.generation_outputs,
-                        "output_template": template,
-                        "final": not steps,
-                        "state": state,
-                        "attempts": 0,
-                        "max_attempts": max_attempts,
-                        "tries": 0,
-                        "created_at": now,
-                        "updated_at": now,
-                        **values,
-                    }
+                    (
+                        item_id,
+                        spec.generation_key,
+                        spec.model,
+                        spec.endpoint,
+                        spec.body,
+                        spec.generation_outputs,
+                        template,
+                        not steps,
+                    )
                 )
-            for chunk in _chunks(fresh, 5000):
-                # Core executemany: the ORM's bulk path prepares each row on its own.
-                s.connection().execute(insert(NODES), list(chunk))
+            state, values = nodes.born(reused_outputs=None, stores_outputs=False, now=now)
+            insert_many(
+                s.connection(),
+                NODES,
+                FRESH_NODE_COLUMNS,
+                fresh,
+                {
+                    "run_id": run_id,
+                    "parent_id": None,
+                    "step": 0,
+                    "branch": 0,
+                    "parent_output": None,
+                    "input_asset": None,
+                    "state": state,
+                    "attempts": 0,
+                    "max_attempts": max_attempts,
+                    "tries": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                    **values,
+                },
+            )
             _refresh_run_status(s, run, now)
         return run_id
 
@@ -383,28 +413,25 @@ class Repository:
         now: datetime,
     ) -> list[int]:
         """Insert a run's items in bulk; their ids, in order."""
-        for chunk in _chunks(items, 5000):
-            rows = [
-                {
-                    "run_id": run_id,
-                    "manifest_item_id": spec.manifest_item_id,
-                    "line": spec.line,
-                    "item_key": spec.item_key,
-                    "prompt": spec.prompt,
-                    "seed": spec.seed,
-                    "model": spec.model,
-                    "trained_model": spec.trained_model,
-                    "params": spec.params,
-                    "recipe": spec.recipe | {"force": force, "max_attempts": max_attempts},
-                    "status": ItemStatus.SKIPPED if spec.skipped_from_id else ItemStatus.PENDING,
-                    "skipped_from_id": spec.skipped_from_id,
-                    "created_at": now,
-                    "updated_at": now,
-                    "finished_at": now if spec.skipped_from_id else None,
-                }
-                for spec in chunk
-            ]
-            s.connection().execute(insert(ITEMS), rows)
+        rows = (
+            (
+                spec.manifest_item_id,
+                spec.line,
+                spec.item_key,
+                spec.prompt,
+                spec.seed,
+                spec.model,
+                spec.trained_model,
+                spec.params,
+                spec.recipe | {"force": force, "max_attempts": max_attempts},
+                ItemStatus.SKIPPED if spec.skipped_from_id else ItemStatus.PENDING,
+                spec.skipped_from_id,
+                now if spec.skipped_from_id else None,
+            )
+            for spec in items
+        )
+        constants = {"run_id": run_id, "created_at": now, "updated_at": now}
+        insert_many(s.connection(), ITEMS, NEW_ITEM_COLUMNS, rows, constants)
         # Ids by the (run, item id) unique key: an INSERT ... RETURNING that keeps the
         # rows' order runs row by row on SQLite.
         found = dict(
