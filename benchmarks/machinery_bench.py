@@ -47,7 +47,7 @@ from tests.services import SeaweedFS, drop_postgres_database, make_postgres_data
 TICKS = os.sysconf("SC_CLK_TCK")
 ACTIVITIES = (
     ("sweeper", ("run (pipeline/stages.py", "sweep (pipeline/stages.py")),
-    ("submit task", ("submit_node (pipeline/stages.py",)),
+    ("submit task", ("submit_nodes (pipeline/stages.py",)),
     ("collect task", ("collect_nodes (pipeline/stages.py",)),
 )
 

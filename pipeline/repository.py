@@ -16,13 +16,28 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Table, and_, case, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    Float,
+    Integer,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,6 +59,7 @@ from pipeline.models import (
     ObjectRow,
     RunRow,
     RunStatus,
+    UTCDateTime,
     utcnow,
 )
 from pipeline.nodes import Change, Event, Facts, Guard, Inc, NodeState, Policy
@@ -52,10 +68,28 @@ from pipeline.scenario import Job, JobStatus
 T = TypeVar("T")
 
 ACTIVE_JOB_STATUSES = [s for s in JobStatus if not s.terminal]
-# Tables for Core bulk inserts (executemany; the ORM's bulk path prepares rows one by one).
+# Tables for Core statements: the hot paths read and write columns, not ORM objects (the
+# ORM costs more CPU than the database per row), and bulk inserts use executemany.
 ITEMS = cast(Table, ItemRow.__table__)
 NODES = cast(Table, NodeRow.__table__)
 ITEM_INPUTS = cast(Table, ItemInputRow.__table__)
+JOBS = cast(Table, JobRow.__table__)
+ASSETS = cast(Table, AssetRow.__table__)
+OBJECTS = cast(Table, ObjectRow.__table__)
+RUNS = cast(Table, RunRow.__table__)
+MANIFESTS = cast(Table, ManifestRow.__table__)
+CHUNK = 1000  # ids per IN (...) list, well below every driver's limit on parameters
+# What a transition's decision reads of a node (see `nodes.Facts`).
+_FACT_COLUMNS = (
+    NODES.c.id,
+    NODES.c.item_id,
+    NODES.c.state,
+    NODES.c.attempts,
+    NODES.c.max_attempts,
+    NODES.c.tries,
+    NODES.c.output_template,
+    NODES.c.error,
+)
 
 
 @dataclass(frozen=True)
@@ -149,6 +183,25 @@ class StoredOutput:
     index: int
     key: str
     sha256: str
+
+
+@dataclass(frozen=True)
+class NewObject:
+    """A stored output to record, with what is known of its Scenario asset."""
+
+    node_id: int
+    index: int
+    scenario_asset_id: str
+    mime_type: str | None
+    width: int | None
+    height: int | None
+    source_host: str | None
+    uri: str
+    key: str
+    sha256: str
+    size: int
+    content_type: str
+    public_url: str | None
 
 
 @dataclass(frozen=True)
@@ -683,64 +736,151 @@ class Repository:
 
     def transition(self, node_id: int, event: Event) -> bool:
         """Apply one event to one node; False if it did not apply or another writer won."""
-        now = self.now()
-        with self._tx() as s:
-            node = s.get(NodeRow, node_id)
-            if node is None:
-                return False
-            return self._apply(s, node, event, now)
+        return node_id in self.transition_many([node_id], event)
 
-    def _apply(self, s: Session, node: NodeRow, event: Event, now: datetime) -> bool:
-        facts = _facts(node)
-        change = nodes.decide(facts, event, now, self.policy, self.rng)
-        if change is None:
-            return False
-        if not self._persist(s, node, facts.state, change, now):
-            return False
-        if change.spawn or change.state != facts.state:
-            s.refresh(node)
-            if change.spawn:
+    def transition_many(self, node_ids: Iterable[int], event: Event) -> set[int]:
+        """Apply one event to each of many nodes, in one transaction; the nodes it moved."""
+        with self._tx() as s:
+            return set(self._apply(s, dict.fromkeys(node_ids, event), self.now()))
+
+    def claim(self, node_ids: Sequence[int], owner: str, state: NodeState) -> list[int]:
+        """A task takes the nodes it was handed that are still in `state`; those it got."""
+        with self._tx() as s:
+            return self._move(s, node_ids, state, nodes.Claim(owner), self.now())
+
+    def renew(self, node_id: int, owner: str, state: NodeState) -> bool:
+        """Extend our claim on a node still in `state`; False if it is no longer ours."""
+        with self._tx() as s:
+            return bool(self._move(s, [node_id], state, nodes.Renew(owner), self.now()))
+
+    def _apply(
+        self, s: Session, events: Mapping[int, Event], now: datetime
+    ) -> dict[int, NodeState]:
+        """Decide and persist one event per node; the new state of each node it moved.
+
+        Nodes that get the same change from the same state share one conditional UPDATE,
+        so a batch costs a few statements whatever its size; a node another writer moved
+        since its facts were read is left out by the UPDATE's guard.
+        """
+        groups: list[tuple[NodeState, Change, list[int]]] = []
+        for chunk in _chunks(sorted(events), CHUNK):
+            for row in s.execute(select(*_FACT_COLUMNS).where(NODES.c.id.in_(chunk))):
+                facts = Facts(
+                    state=row.state,
+                    attempts=row.attempts,
+                    max_attempts=row.max_attempts,
+                    tries=row.tries,
+                    stores_outputs=row.output_template is not None,
+                    error=row.error,
+                )
+                change = nodes.decide(facts, events[row.id], now, self.policy, self.rng)
+                if change is None:
+                    continue
+                for state, known, ids in groups:
+                    if state == facts.state and known == change:
+                        ids.append(row.id)
+                        break
+                else:
+                    groups.append((facts.state, change, [row.id]))
+        moved: dict[int, NodeState] = {}
+        spawning: list[int] = []
+        items: set[int] = set()
+        for state, change, ids in groups:
+            for node_id, item_id in self._persist(s, ids, state, change, now):
+                moved[node_id] = change.state
+                if change.spawn:
+                    spawning.append(node_id)
+                if change.spawn or nodes.moves_item(state, change.state):
+                    items.add(item_id)
+        self._spawn_children(s, spawning, now)
+        self._refresh_items(s, items, now)
+        return moved
+
+    def _move(
+        self, s: Session, node_ids: Sequence[int], state: NodeState, event: Event, now: datetime
+    ) -> list[int]:
+        """Apply an event whose change depends on the state alone (`STATE_ONLY_EVENTS`) to
+        nodes in `state`: decided once, persisted with one UPDATE; the nodes it moved."""
+        assert isinstance(event, nodes.STATE_ONLY_EVENTS)
+        change = nodes.decide(Facts(state), event, now, self.policy, self.rng)
+        if change is None or not node_ids:
+            return []
+        moved = self._persist(s, node_ids, state, change, now)
+        if nodes.moves_item(state, change.state):
+            self._refresh_items(s, {item_id for _, item_id in moved}, now)
+        return [node_id for node_id, _ in moved]
+
+    def _persist(
+        self,
+        s: Session,
+        node_ids: Sequence[int],
+        from_state: NodeState,
+        change: Change,
+        now: datetime,
+    ) -> list[tuple[int, int]]:
+        """Conditional UPDATEs: each row must still be as the decision saw it. The (node id,
+        item id) of every row changed."""
+        values = _values(change) | {"updated_at": now}
+        moved: list[tuple[int, int]] = []
+        for chunk in _chunks(sorted(node_ids), CHUNK):
+            result = s.execute(
+                update(NODES)
+                .where(NODES.c.id.in_(chunk), NODES.c.state == from_state, *_guard(change, now))
+                .values(**values)
+                .returning(NODES.c.id, NODES.c.item_id)
+            )
+            moved += [(node_id, item_id) for node_id, item_id in result]
+        return moved
+
+    def _spawn_children(self, s: Session, node_ids: Sequence[int], now: datetime) -> None:
+        """The recipe's next step on the outputs of nodes that just succeeded (`_spawn`)."""
+        for chunk in _chunks(node_ids, CHUNK):
+            rows = s.execute(
+                select(NODES.c.id, NODES.c.step, ITEMS.c.recipe)
+                .join(ITEMS, ITEMS.c.id == NODES.c.item_id)
+                .where(NODES.c.id.in_(chunk))
+            ).all()
+            for node_id, step, recipe in rows:
+                if step >= len(recipe.get("steps", [])):
+                    continue  # the recipe's last step: nothing follows
+                node = s.get(NodeRow, node_id, populate_existing=True)
+                assert node is not None
                 item = s.get(ItemRow, node.item_id)
                 assert item is not None
                 self._spawn(s, item, node, now)
-            self._refresh_item(s, node.item_id, now)
-        return True
-
-    def _persist(
-        self, s: Session, node: NodeRow, from_state: NodeState, change: Change, now: datetime
-    ) -> bool:
-        """One conditional UPDATE: the row must still be as the decision saw it."""
-        conditions = [NodeRow.id == node.id, NodeRow.state == from_state, *_guard(change, now)]
-        values = _values(change) | {"updated_at": now}
-        result = s.execute(
-            update(NodeRow)
-            .where(*conditions)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]  # CursorResult for DML
 
     def _refresh_item(self, s: Session, item_id: int, now: datetime) -> None:
         """Derive an item's status from its nodes' states."""
-        item = s.get(ItemRow, item_id)
-        if item is None or item.status == ItemStatus.SKIPPED:
-            return
-        rows = s.execute(
-            select(NodeRow.state, NodeRow.error, NodeRow.hint)
-            .where(NodeRow.item_id == item_id)
-            .order_by(NodeRow.id)
-        ).all()
-        status = ItemStatus(nodes.item_status(state for state, _, _ in rows))
-        if status == item.status:
-            return
-        item.status = status
-        item.updated_at = now
-        if status.final:
-            item.finished_at = now
-            failed = [(e, h) for state, e, h in rows if state != NodeState.SUCCEEDED and e]
-            item.error, item.hint = failed[0] if failed else (None, None)
-        else:
-            item.finished_at = None
+        self._refresh_items(s, [item_id], now)
+
+    def _refresh_items(self, s: Session, item_ids: Iterable[int], now: datetime) -> None:
+        """Derive items' statuses from their nodes' states, in a few statements.
+
+        The item rows are locked before their nodes are read (on PostgreSQL; SQLite has one
+        writer at a time): two transactions finishing sibling nodes at once cannot each see
+        the other's node unfinished and leave their item running for good.
+        """
+        for chunk in _chunks(sorted(set(item_ids)), CHUNK):
+            current = s.execute(
+                select(ITEMS.c.id, ITEMS.c.status)
+                .where(ITEMS.c.id.in_(chunk))
+                .order_by(ITEMS.c.id)
+                .with_for_update()
+            ).all()
+            found: dict[int, list[tuple[NodeState, str | None, str | None]]] = {}
+            for item_id, state, error, hint in s.execute(
+                select(NODES.c.item_id, NODES.c.state, NODES.c.error, NODES.c.hint)
+                .where(NODES.c.item_id.in_(chunk))
+                .order_by(NODES.c.id)
+            ):
+                found.setdefault(item_id, []).append((state, error, hint))
+            changes: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+            for item_id, status in current:
+                values = _item_values(status, found.get(item_id, []), now)
+                if values:
+                    changes.setdefault(tuple(sorted(values.items())), []).append(item_id)
+            for columns, ids in changes.items():
+                s.execute(update(ITEMS).where(ITEMS.c.id.in_(ids)).values(dict(columns)))
 
     def slots_in_use(self, pool: str | None = None) -> int:
         """Nodes holding a parallel-job slot (being submitted or running remotely)."""
@@ -811,17 +951,12 @@ class Repository:
         A node handed out `policy.max_tries` times fails with its last real error.
         """
         now = self.now()
-        handed: list[int] = []
         with self._tx() as s:
-            rows = s.execute(
-                select(NodeRow).where(NodeRow.state == state, *_guard_redispatchable(now))
+            due = s.execute(
+                select(NODES.c.id).where(NODES.c.state == state, *_guard_redispatchable(now))
             ).scalars()
-            for node in list(rows):
-                if self._apply(s, node, nodes.Redispatch(), now):
-                    s.refresh(node)
-                    if node.state == state:
-                        handed.append(node.id)
-        return handed
+            moved = self._apply(s, dict.fromkeys(due, nodes.Redispatch()), now)
+        return sorted(node_id for node_id, new in moved.items() if new == state)
 
     def collect_now(self) -> None:
         """Make every collecting node that waits for company due now."""
@@ -841,29 +976,41 @@ class Repository:
         """Every submitted job of a running node that has not reached a terminal status."""
         with self._tx() as s:
             rows = s.execute(
-                select(JobRow, NodeRow.due_at, NodeRow.expected_outputs)
-                .join(NodeRow, JobRow.node_id == NodeRow.id)
+                select(
+                    JOBS.c.id,
+                    JOBS.c.scenario_job_id,
+                    JOBS.c.node_id,
+                    JOBS.c.model,
+                    JOBS.c.job_type,
+                    JOBS.c.polls,
+                    JOBS.c.accepted_at,
+                    JOBS.c.intent_at,
+                    JOBS.c.status,
+                    NODES.c.due_at,
+                    NODES.c.expected_outputs,
+                )
+                .join(NODES, JOBS.c.node_id == NODES.c.id)
                 .where(
-                    JobRow.scenario_job_id.is_not(None),
-                    JobRow.status.in_(ACTIVE_JOB_STATUSES),
-                    NodeRow.state == NodeState.RUNNING,
+                    JOBS.c.scenario_job_id.is_not(None),
+                    JOBS.c.status.in_(ACTIVE_JOB_STATUSES),
+                    NODES.c.state == NodeState.RUNNING,
                 )
             ).all()
-            return [
-                InFlightJob(
-                    row_id=j.id,
-                    scenario_job_id=j.scenario_job_id or "",
-                    node_id=j.node_id,
-                    model=j.model,
-                    job_type=j.job_type or "custom",
-                    polls=j.polls,
-                    accepted_at=j.accepted_at or j.intent_at,
-                    due_at=due_at,
-                    expected_outputs=expected,
-                    status=j.status,
-                )
-                for j, due_at, expected in rows
-            ]
+        return [
+            InFlightJob(
+                row_id=r.id,
+                scenario_job_id=r.scenario_job_id or "",
+                node_id=r.node_id,
+                model=r.model,
+                job_type=r.job_type or "custom",
+                polls=r.polls,
+                accepted_at=r.accepted_at or r.intent_at,
+                due_at=r.due_at,
+                expected_outputs=r.expected_outputs,
+                status=r.status,
+            )
+            for r in rows
+        ]
 
     def expected_duration(self, model: str, sample: int = 20) -> float | None:
         """Median seconds from creation to success of this model's recent jobs.
@@ -889,93 +1036,145 @@ class Repository:
 
     def schedule_polls(self, schedule: dict[tuple[int, int], datetime]) -> None:
         """Set the next look at running jobs: {(job row id, node id): when} (a poll counted)."""
+        if not schedule:
+            return
         with self._tx() as s:
             now = self.now()
-            for (row_id, node_id), when in schedule.items():
-                s.execute(
-                    update(JobRow)
-                    .where(JobRow.id == row_id)
-                    .values(polls=JobRow.polls + 1)
-                    .execution_options(synchronize_session=False)
-                )
-                s.execute(
-                    update(NodeRow)
-                    .where(NodeRow.id == node_id, NodeRow.state == NodeState.RUNNING)
-                    .values(due_at=when, updated_at=now)
-                    .execution_options(synchronize_session=False)
-                )
+            for chunk in _chunks(sorted(row_id for row_id, _ in schedule), CHUNK):
+                s.execute(update(JOBS).where(JOBS.c.id.in_(chunk)).values(polls=JOBS.c.polls + 1))
+            s.execute(
+                update(NODES)
+                .where(NODES.c.id == bindparam("node"), NODES.c.state == NodeState.RUNNING)
+                .values(due_at=bindparam("when"), updated_at=now),
+                [{"node": node_id, "when": when} for (_, node_id), when in schedule.items()],
+            )
 
-    def apply_job(self, row_id: int, job: Job, *, collect_now: bool = False) -> NodeState | None:
-        """Record what Scenario says of a job; on a terminal status, move its node on.
+    def apply_jobs(
+        self, polled: Sequence[tuple[int, Job]], *, collect_now: bool = False
+    ) -> dict[int, NodeState]:
+        """Record what Scenario says of jobs, given as (job row id, job), in one transaction;
+        a terminal status moves the job's node on.
 
-        Returns the node's new state when it changed, else None.
+        Returns the new state of the node of each job row whose node moved, by job row id.
         """
         now = self.now()
+        jobs = dict(polled)
         with self._tx() as s:
-            row = s.get(JobRow, row_id)
-            if row is None or (row.status is not None and row.status.terminal):
-                return None
-            row.status = job.status
-            row.progress = job.progress
-            row.remote_updated_at = job.updated_at or row.remote_updated_at
-            if job.cost is not None:
-                row.cost_cu = job.cost
-            if not job.status.terminal:
-                return None
-            row.finished_at = now
-            node = s.get(NodeRow, row.node_id)
-            if node is None:
-                return None
-            event: Event
-            if job.status == JobStatus.SUCCESS:
-                ids = tuple(job.asset_ids)
-                if len(ids) > node.expected_outputs and node.output_template is not None:
-                    event = nodes.Fail(
-                        f"job {job.id} returned {len(ids)} outputs where {node.expected_outputs} "
-                        "were expected; their storage keys would collide"
-                    )
+            live: dict[int, tuple[int, datetime | None]] = {}  # row id -> node id, updated
+            for chunk in _chunks(sorted(jobs), CHUNK):
+                for row_id, node_id, status, updated in s.execute(
+                    select(
+                        JOBS.c.id, JOBS.c.node_id, JOBS.c.status, JOBS.c.remote_updated_at
+                    ).where(JOBS.c.id.in_(chunk))
+                ):
+                    if status is None or not status.terminal:
+                        live[row_id] = (node_id, updated)
+            if not live:
+                return {}
+            s.execute(
+                update(JOBS)
+                .where(JOBS.c.id == bindparam("row"))
+                .values(
+                    status=bindparam("status"),
+                    progress=bindparam("progress"),
+                    remote_updated_at=bindparam("updated"),
+                    cost_cu=func.coalesce(bindparam("cost", type_=Float), JOBS.c.cost_cu),
+                    finished_at=func.coalesce(
+                        bindparam("finished", type_=UTCDateTime), JOBS.c.finished_at
+                    ),
+                    error=func.coalesce(bindparam("error", type_=Text), JOBS.c.error),
+                    hint=func.coalesce(bindparam("hint", type_=Text), JOBS.c.hint),
+                ),
+                [
+                    _job_values(row_id, jobs[row_id], updated, now)
+                    for row_id, (_, updated) in live.items()
+                ],
+            )
+            finished = {
+                node_id: row_id
+                for row_id, (node_id, _) in live.items()
+                if jobs[row_id].status.terminal
+            }
+            events = self._job_events(
+                s,
+                {node_id: jobs[row_id] for node_id, row_id in finished.items()},
+                finished,
+                collect_now,
+            )
+            moved = self._apply(s, events, now)
+        return {finished[node_id]: state for node_id, state in moved.items()}
+
+    def _job_events(
+        self, s: Session, jobs: dict[int, Job], rows: dict[int, int], collect_now: bool
+    ) -> dict[int, Event]:
+        """The event each finished job (by node id) makes; asset rows for the outputs."""
+        events: dict[int, Event] = {}
+        made: list[tuple[int, str | None, tuple[str, ...]]] = []
+        for chunk in _chunks(sorted(jobs), CHUNK):
+            for node_id, expected, template, input_asset in s.execute(
+                select(
+                    NODES.c.id,
+                    NODES.c.expected_outputs,
+                    NODES.c.output_template,
+                    NODES.c.input_asset,
+                ).where(NODES.c.id.in_(chunk))
+            ):
+                job = jobs[node_id]
+                if job.status == JobStatus.SUCCESS:
+                    ids = tuple(job.asset_ids)
+                    if len(ids) > expected and template is not None:
+                        events[node_id] = nodes.Fail(
+                            f"job {job.id} returned {len(ids)} outputs where {expected} were "
+                            "expected; their storage keys would collide"
+                        )
+                    else:
+                        made.append((rows[node_id], input_asset, ids))
+                        events[node_id] = nodes.Succeeded(ids, collect_now=collect_now)
+                elif job.status == JobStatus.CANCELED:
+                    events[node_id] = nodes.JobCanceled(job.error or f"job {job.id} was canceled")
                 else:
-                    self._record_output_assets(s, node, row, ids)
-                    event = nodes.Succeeded(ids, collect_now=collect_now)
-            elif job.status == JobStatus.CANCELED:
-                event = nodes.JobCanceled(job.error or f"job {job.id} was canceled")
-            else:
-                row.error = nodes.cut(job.error)
-                row.hint = nodes.cut(job.hint)
-                event = nodes.JobFailed(job.error or f"job {job.id} failed", job.hint)
-            before = node.state
-            if self._apply(s, node, event, now):
-                s.refresh(node)
-                return node.state if node.state != before else None
-            return None
+                    events[node_id] = nodes.JobFailed(job.error or f"job {job.id} failed", job.hint)
+        self._record_output_assets(s, made)
+        return events
 
     def _record_output_assets(
-        self, s: Session, node: NodeRow, job: JobRow, asset_ids: Sequence[str]
+        self, s: Session, made: Sequence[tuple[int, str | None, tuple[str, ...]]]
     ) -> None:
-        """Asset rows for a job's outputs, each linked to the asset it was made from."""
-        parent_id = None
-        if node.input_asset:
-            parent_id = s.execute(
-                select(AssetRow.id).where(AssetRow.scenario_asset_id == node.input_asset)
-            ).scalar_one_or_none()
-        existing = set(
-            s.execute(
-                select(AssetRow.scenario_asset_id).where(
-                    AssetRow.scenario_asset_id.in_(list(asset_ids))
-                )
-            ).scalars()
-        )
-        for index, asset_id in enumerate(asset_ids):
-            if asset_id not in existing:
-                s.add(
-                    AssetRow(
-                        scenario_asset_id=asset_id,
-                        role=AssetRole.OUTPUT,
-                        job_id=job.id,
-                        output_index=index,
-                        parent_id=parent_id,
+        """Asset rows for jobs' outputs, given as (job row id, the asset the job ran on,
+        output asset ids); each is linked to the asset it was made from."""
+        inputs = sorted({parent for _, parent, _ in made if parent})
+        parents: dict[str, int] = {}
+        for chunk in _chunks(inputs, CHUNK):
+            parents.update(
+                s.execute(
+                    select(ASSETS.c.scenario_asset_id, ASSETS.c.id).where(
+                        ASSETS.c.scenario_asset_id.in_(chunk)
                     )
-                )
+                ).all()
+            )
+        existing: set[str] = set()
+        for chunk in _chunks(sorted({a for _, _, ids in made for a in ids}), CHUNK):
+            existing.update(
+                s.execute(
+                    select(ASSETS.c.scenario_asset_id).where(ASSETS.c.scenario_asset_id.in_(chunk))
+                ).scalars()
+            )
+        rows = []
+        for job_id, parent, ids in made:
+            for index, asset_id in enumerate(ids):
+                if asset_id not in existing:
+                    existing.add(asset_id)
+                    rows.append(
+                        {
+                            "scenario_asset_id": asset_id,
+                            "role": AssetRole.OUTPUT,
+                            "job_id": job_id,
+                            "output_index": index,
+                            "parent_id": parents.get(parent) if parent else None,
+                        }
+                    )
+        if rows:
+            s.execute(insert(ASSETS), rows)
 
     def refresh_runs(self) -> list[str]:
         """Derive the status of running runs from their items; return runs that finished."""
@@ -1025,35 +1224,53 @@ class Repository:
         now = self.now()
         remote: list[str] = []
         with self._tx() as s:
-            unfinished = s.execute(
-                select(NodeRow).where(
-                    NodeRow.run_id == run_id, NodeRow.state.in_(list(nodes.UNFINISHED_STATES))
-                )
-            ).scalars()
-            for node in list(unfinished):
-                for job in s.execute(
-                    select(JobRow).where(
-                        JobRow.node_id == node.id,
-                        JobRow.scenario_job_id.is_not(None),
-                        JobRow.status.in_(ACTIVE_JOB_STATUSES),
+            unfinished = (
+                s.execute(
+                    select(NODES.c.id).where(
+                        NODES.c.run_id == run_id, NODES.c.state.in_(list(nodes.UNFINISHED_STATES))
                     )
-                ).scalars():
-                    remote.append(job.scenario_job_id or "")
-                    job.status = JobStatus.CANCELED
-                    job.finished_at = now
-                self._apply(s, node, event, now)
-            for item in s.execute(
-                select(ItemRow).where(
-                    ItemRow.run_id == run_id, ItemRow.status.not_in(list(FINAL_ITEM_STATUSES))
                 )
-            ).scalars():
-                # An item whose nodes were never created (or all finished) is settled here.
-                self._refresh_item(s, item.id, now)
-                if not item.status.final:
-                    failed = isinstance(event, nodes.Fail)
-                    item.status = ItemStatus.FAILED if failed else ItemStatus.CANCELED
-                    item.error = event.reason
-                    item.finished_at = now
+                .scalars()
+                .all()
+            )
+            for chunk in _chunks(unfinished, CHUNK):
+                jobs = s.execute(
+                    select(JOBS.c.id, JOBS.c.scenario_job_id).where(
+                        JOBS.c.node_id.in_(chunk),
+                        JOBS.c.scenario_job_id.is_not(None),
+                        JOBS.c.status.in_(ACTIVE_JOB_STATUSES),
+                    )
+                ).all()
+                if jobs:
+                    s.execute(
+                        update(JOBS)
+                        .where(JOBS.c.id.in_([row_id for row_id, _ in jobs]))
+                        .values(status=JobStatus.CANCELED, finished_at=now)
+                    )
+                    remote += [job_id or "" for _, job_id in jobs]
+            self._apply(s, dict.fromkeys(unfinished, event), now)
+            # An item whose nodes were never created (or all finished) is settled here.
+            open_items = (
+                s.execute(
+                    select(ITEMS.c.id).where(
+                        ITEMS.c.run_id == run_id, ITEMS.c.status.not_in(list(FINAL_ITEM_STATUSES))
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            self._refresh_items(s, open_items, now)
+            failed = isinstance(event, nodes.Fail)
+            s.execute(
+                update(ITEMS)
+                .where(ITEMS.c.run_id == run_id, ITEMS.c.status.not_in(list(FINAL_ITEM_STATUSES)))
+                .values(
+                    status=ItemStatus.FAILED if failed else ItemStatus.CANCELED,
+                    error=event.reason,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
         return remote
 
     # -- submit ---------------------------------------------------------------------------
@@ -1072,32 +1289,54 @@ class Repository:
             ).all()
         return {NodeState(state): due for state, due in rows if due is not None}
 
-    def submit_work(self, node_id: int) -> SubmitWork | None:
+    def submit_works(self, node_ids: Sequence[int]) -> list[SubmitWork]:
+        """What submit tasks need of their nodes, read under their claims, in the order given."""
         with self._tx() as s:
-            node = s.get(NodeRow, node_id)
-            if node is None:
-                return None
-            intent = s.execute(
-                select(JobRow)
-                .where(
-                    JobRow.node_id == node_id,
-                    JobRow.scenario_job_id.is_(None),
-                    JobRow.finished_at.is_(None),
+            found = {
+                row.id: row
+                for row in s.execute(
+                    select(
+                        NODES.c.id,
+                        NODES.c.run_id,
+                        NODES.c.model,
+                        NODES.c.endpoint,
+                        NODES.c.body,
+                        NODES.c.attempts,
+                        NODES.c.max_attempts,
+                    ).where(NODES.c.id.in_(node_ids))
                 )
-                .order_by(JobRow.id.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-            return SubmitWork(
-                node_id=node.id,
-                run_id=node.run_id,
-                model=node.model,
-                endpoint=node.endpoint,
-                body=dict(node.body),
-                attempts=node.attempts,
-                max_attempts=node.max_attempts,
-                open_intent_id=intent.id if intent else None,
-                open_intent_at=intent.intent_at if intent else None,
+            }
+            intents: dict[int, tuple[int, datetime]] = {}
+            for row_id, node_id, intent_at in s.execute(
+                select(JOBS.c.id, JOBS.c.node_id, JOBS.c.intent_at)
+                .where(
+                    JOBS.c.node_id.in_(list(found)),
+                    JOBS.c.scenario_job_id.is_(None),
+                    JOBS.c.finished_at.is_(None),
+                )
+                .order_by(JOBS.c.id)
+            ):
+                intents[node_id] = (row_id, intent_at)  # the newest open intent wins
+        works = []
+        for node_id in node_ids:
+            if node_id not in found:
+                continue
+            row = found[node_id]
+            intent = intents.get(node_id)
+            works.append(
+                SubmitWork(
+                    node_id=node_id,
+                    run_id=row.run_id,
+                    model=row.model,
+                    endpoint=row.endpoint,
+                    body=dict(row.body),
+                    attempts=row.attempts,
+                    max_attempts=row.max_attempts,
+                    open_intent_id=intent[0] if intent else None,
+                    open_intent_at=intent[1] if intent else None,
+                )
             )
+        return works
 
     def note_error(self, node_id: int, error: str) -> None:
         """Record why a task on an unfinished node went wrong, without moving it."""
@@ -1122,33 +1361,42 @@ class Repository:
             ).scalar_one_or_none()
             return node.error or job_error
 
-    def record_intent(self, node_id: int, owner: str) -> int | None:
-        """Write the intent to submit (before the POST) under our claim; the job row id."""
+    def record_intents(self, node_ids: Sequence[int], owner: str) -> dict[int, int]:
+        """Write the intents to submit (before the POSTs) of nodes under our claim, in one
+        transaction: node id -> its job row id (a node whose claim we lost is left out)."""
         now = self.now()
         with self._tx() as s:
             taken = s.execute(
-                update(NodeRow)
+                update(NODES)
                 .where(
-                    NodeRow.id == node_id,
-                    NodeRow.state == NodeState.SUBMITTING,
-                    NodeRow.claim_owner == owner,
+                    NODES.c.id.in_(node_ids),
+                    NODES.c.state == NodeState.SUBMITTING,
+                    NODES.c.claim_owner == owner,
                 )
-                .values(attempts=NodeRow.attempts + 1, updated_at=now)
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
+                .values(attempts=NODES.c.attempts + 1, updated_at=now)
+                .returning(NODES.c.id, NODES.c.model)
+            ).all()
             if not taken:
-                return None
-            node = s.get(NodeRow, node_id)
-            assert node is not None
+                return {}
             # Job rows number every POST, refused ones too (a 429 leaves its row behind and
             # does not count as an attempt), so the number is not `attempts`.
-            number = s.execute(
-                select(func.coalesce(func.max(JobRow.attempt), 0)).where(JobRow.node_id == node_id)
-            ).scalar_one()
-            job = JobRow(node_id=node_id, attempt=number + 1, model=node.model, intent_at=now)
-            s.add(job)
-            s.flush()
-            return job.id
+            numbers = dict(
+                s.execute(
+                    select(JOBS.c.node_id, func.max(JOBS.c.attempt))
+                    .where(JOBS.c.node_id.in_([node_id for node_id, _ in taken]))
+                    .group_by(JOBS.c.node_id)
+                ).all()
+            )
+            rows = [
+                {"node_id": node_id, "attempt": numbers.get(node_id, 0) + 1, "model": model}
+                | {"intent_at": now}
+                for node_id, model in sorted(taken)
+            ]
+            made = s.execute(
+                insert(JOBS).returning(JOBS.c.node_id, JOBS.c.id, sort_by_parameter_order=True),
+                rows,
+            )
+            return {node_id: row_id for node_id, row_id in made}
 
     def known_job_ids(self, scenario_job_ids: Iterable[str]) -> set[str]:
         ids = list(scenario_job_ids)
@@ -1166,29 +1414,32 @@ class Repository:
         """The POST answered (or reconciliation found the job): the node is running."""
         now = self.now()
         with self._tx() as s:
-            row = s.get(JobRow, row_id)
-            assert row is not None
-            row.scenario_job_id = job.id
-            row.job_type = job.job_type or "custom"
-            row.status = JobStatus.PENDING if job.status.terminal else job.status
-            row.cost_cu = cost if cost is not None else job.cost
-            row.accepted_at = now
-            row.remote_created_at = job.created_at
-            node = s.get(NodeRow, row.node_id)
-            assert node is not None
-            self._apply(s, node, nodes.Accepted(first_poll), now)
+            node_id = s.execute(
+                update(JOBS)
+                .where(JOBS.c.id == row_id)
+                .values(
+                    scenario_job_id=job.id,
+                    job_type=job.job_type or "custom",
+                    status=JobStatus.PENDING if job.status.terminal else job.status,
+                    cost_cu=cost if cost is not None else job.cost,
+                    accepted_at=now,
+                    remote_created_at=job.created_at,
+                )
+                .returning(JOBS.c.node_id)
+            ).scalar_one()
+            self._move(s, [node_id], NodeState.SUBMITTING, nodes.Accepted(first_poll), now)
 
     def record_refused(self, row_id: int, event: nodes.Throttled | nodes.Refused) -> None:
         """The POST was refused: nothing was created or billed."""
         now = self.now()
         with self._tx() as s:
-            row = s.get(JobRow, row_id)
-            assert row is not None
-            row.error = event.error
-            row.finished_at = now
-            node = s.get(NodeRow, row.node_id)
-            assert node is not None
-            self._apply(s, node, event, now)
+            node_id = s.execute(
+                update(JOBS)
+                .where(JOBS.c.id == row_id)
+                .values(error=event.error, finished_at=now)
+                .returning(JOBS.c.node_id)
+            ).scalar_one()
+            self._apply(s, {node_id: event}, now)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -1219,140 +1470,223 @@ class Repository:
 
     # -- collect --------------------------------------------------------------------------
 
-    def collect_work(self, node_id: int) -> CollectWork | None:
+    def collect_works(self, node_ids: Sequence[int]) -> dict[int, CollectWork]:
+        """What collect tasks need of their nodes, read under their claims (a node without
+        outputs to store is left out)."""
         with self._tx() as s:
-            row = s.execute(
-                select(NodeRow, ItemRow, ManifestRow.name)
-                .join(ItemRow, NodeRow.item_id == ItemRow.id)
-                .join(RunRow, ItemRow.run_id == RunRow.id)
-                .join(ManifestRow, RunRow.manifest_id == ManifestRow.id)
-                .where(NodeRow.id == node_id)
-            ).first()
-            if row is None:
-                return None
-            node, item, manifest_name = row
-            ids = tuple((node.outputs or {}).get("ids") or ())
-            if not ids or node.output_template is None:
-                return None
-            source = node.reused_from_id or node.id
-            job_id = s.execute(
-                select(JobRow.scenario_job_id)
-                .where(JobRow.node_id == source, JobRow.status == JobStatus.SUCCESS)
-                .order_by(JobRow.id.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-            stored = s.execute(
-                select(ObjectRow.output_index, ObjectRow.key, ObjectRow.sha256).where(
-                    ObjectRow.node_id == node_id
+            rows = s.execute(
+                select(
+                    NODES.c.id,
+                    NODES.c.run_id,
+                    NODES.c.model,
+                    NODES.c.step,
+                    NODES.c.branch,
+                    NODES.c.expected_outputs,
+                    NODES.c.final,
+                    NODES.c.node_key,
+                    NODES.c.input_asset,
+                    NODES.c.output_template,
+                    NODES.c.outputs,
+                    NODES.c.reused_from_id,
+                    ITEMS.c.manifest_item_id,
+                    ITEMS.c.item_key,
+                    ITEMS.c.seed,
+                    ITEMS.c.trained_model,
+                    ITEMS.c.recipe,
+                    MANIFESTS.c.name.label("manifest_name"),
+                )
+                .join(ITEMS, NODES.c.item_id == ITEMS.c.id)
+                .join(RUNS, ITEMS.c.run_id == RUNS.c.id)
+                .join(MANIFESTS, RUNS.c.manifest_id == MANIFESTS.c.id)
+                .where(NODES.c.id.in_(node_ids))
+            ).all()
+            rows = [r for r in rows if (r.outputs or {}).get("ids") and r.output_template]
+            sources = {r.id: r.reused_from_id or r.id for r in rows}
+            jobs: dict[int, str | None] = {}
+            for node_id, job_id in s.execute(
+                select(JOBS.c.node_id, JOBS.c.scenario_job_id)
+                .where(
+                    JOBS.c.node_id.in_(set(sources.values())), JOBS.c.status == JobStatus.SUCCESS
+                )
+                .order_by(JOBS.c.id)
+            ):
+                jobs[node_id] = job_id  # the newest successful job wins
+            stored: dict[int, dict[int, tuple[str, str]]] = {}
+            for node_id, index, key, sha in s.execute(
+                select(
+                    OBJECTS.c.node_id, OBJECTS.c.output_index, OBJECTS.c.key, OBJECTS.c.sha256
+                ).where(OBJECTS.c.node_id.in_(list(sources)))
+            ):
+                stored.setdefault(node_id, {})[index] = (key, sha)
+        return {
+            r.id: CollectWork(
+                node_id=r.id,
+                run_id=r.run_id,
+                manifest_name=r.manifest_name,
+                manifest_item_id=r.manifest_item_id,
+                item_key=r.item_key,
+                seed=r.seed,
+                model=r.model,
+                trained_model=r.trained_model if r.step == 0 else None,
+                step=r.step,
+                branch=r.branch,
+                expected_outputs=r.expected_outputs,
+                final=r.final,
+                node_key=r.node_key,
+                input_asset=r.input_asset,
+                output_template=r.output_template,
+                overwrite=r.recipe.get("overwrite", "replace") != "never",
+                scenario_job_id=jobs.get(sources[r.id]) or "",
+                asset_ids=tuple(r.outputs["ids"]),
+                stored=stored.get(r.id, {}),
+            )
+            for r in rows
+        }
+
+    def stored_copies(self, scenario_asset_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        """For assets stored before: asset id -> {key: sha256 of the newest object there}."""
+        copies: dict[str, dict[str, str]] = {}
+        with self._tx() as s:
+            for chunk in _chunks(sorted(set(scenario_asset_ids)), CHUNK):
+                for asset_id, key, sha in s.execute(
+                    select(ASSETS.c.scenario_asset_id, OBJECTS.c.key, OBJECTS.c.sha256)
+                    .join(ASSETS, OBJECTS.c.asset_id == ASSETS.c.id)
+                    .where(ASSETS.c.scenario_asset_id.in_(chunk))
+                    .order_by(OBJECTS.c.id)
+                ):
+                    copies.setdefault(asset_id, {})[key] = sha
+        return copies
+
+    def record_collected(
+        self, objects: Sequence[NewObject], events: Mapping[int, Event]
+    ) -> dict[int, NodeState]:
+        """One collect task's writes, in one transaction: the outputs it stored, with what
+        is known of their Scenario assets (idempotent), then each node's event (`Stored`,
+        or why not). The new state of each node an event moved."""
+        now = self.now()
+        with self._tx() as s:
+            if objects:
+                self._record_objects(s, objects, now)
+            return self._apply(s, events, now)
+
+    def _record_objects(self, s: Session, objects: Sequence[NewObject], now: datetime) -> None:
+        wanted = sorted({o.scenario_asset_id for o in objects})
+        assets = dict(
+            s.execute(
+                select(ASSETS.c.scenario_asset_id, ASSETS.c.id).where(
+                    ASSETS.c.scenario_asset_id.in_(wanted)
                 )
             ).all()
-            return CollectWork(
-                node_id=node.id,
-                run_id=node.run_id,
-                manifest_name=manifest_name,
-                manifest_item_id=item.manifest_item_id,
-                item_key=item.item_key,
-                seed=item.seed,
-                model=node.model,
-                trained_model=item.trained_model if node.step == 0 else None,
-                step=node.step,
-                branch=node.branch,
-                expected_outputs=node.expected_outputs,
-                final=node.final,
-                node_key=node.node_key,
-                input_asset=node.input_asset,
-                output_template=node.output_template,
-                overwrite=item.recipe.get("overwrite", "replace") != "never",
-                scenario_job_id=job_id or "",
-                asset_ids=ids,
-                stored={index: (key, sha) for index, key, sha in stored},
+        )
+        known = [o for o in {o.scenario_asset_id: o for o in objects}.values()]
+        missing = [o for o in known if o.scenario_asset_id not in assets]
+        if missing:
+            made = s.execute(
+                insert(ASSETS).returning(
+                    ASSETS.c.scenario_asset_id, ASSETS.c.id, sort_by_parameter_order=True
+                ),
+                [
+                    {"scenario_asset_id": o.scenario_asset_id, "role": AssetRole.OUTPUT}
+                    for o in missing
+                ],
             )
-
-    def stored_copy(self, scenario_asset_id: str, key: str) -> str | None:
-        """The sha256 of an object recorded earlier at `key` for this very asset, if any."""
-        with self._tx() as s:
-            return s.execute(
-                select(ObjectRow.sha256)
-                .join(AssetRow, ObjectRow.asset_id == AssetRow.id)
-                .where(AssetRow.scenario_asset_id == scenario_asset_id, ObjectRow.key == key)
-                .order_by(ObjectRow.id.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-
-    def record_output(
-        self,
-        *,
-        node_id: int,
-        index: int,
-        scenario_asset_id: str,
-        mime_type: str | None,
-        width: int | None,
-        height: int | None,
-        source_host: str | None,
-        uri: str,
-        key: str,
-        sha256: str,
-        size: int,
-        content_type: str,
-        public_url: str | None,
-    ) -> None:
-        """Record one stored output and what is known of its Scenario asset (idempotent)."""
-        with self._tx() as s:
-            node = s.get(NodeRow, node_id)
-            assert node is not None
-            asset = s.execute(
-                select(AssetRow).where(AssetRow.scenario_asset_id == scenario_asset_id)
-            ).scalar_one_or_none()
-            if asset is None:
-                asset = AssetRow(scenario_asset_id=scenario_asset_id, role=AssetRole.OUTPUT)
-                s.add(asset)
-            asset.mime_type = mime_type or asset.mime_type
-            asset.width = width or asset.width
-            asset.height = height or asset.height
-            asset.source_host = source_host or asset.source_host
-            s.flush()
-            existing = s.execute(
-                select(ObjectRow.id).where(
-                    ObjectRow.node_id == node_id, ObjectRow.output_index == index
-                )
-            ).scalar_one_or_none()
-            if existing is not None:
-                return
-            s.add(
-                ObjectRow(
-                    item_id=node.item_id,
-                    node_id=node_id,
-                    asset_id=asset.id,
-                    output_index=index,
-                    final=node.final,
-                    uri=uri,
-                    key=key,
-                    sha256=sha256,
-                    bytes=size,
-                    content_type=content_type,
-                    public_url=public_url,
-                    created_at=self.now(),
-                )
+            assets.update({asset_id: row_id for asset_id, row_id in made})
+        # What is now known of each asset; what a write knew before is never erased.
+        s.execute(
+            update(ASSETS)
+            .where(ASSETS.c.id == bindparam("asset"))
+            .values(
+                mime_type=func.coalesce(bindparam("mime", type_=String), ASSETS.c.mime_type),
+                width=func.coalesce(bindparam("w", type_=Integer), ASSETS.c.width),
+                height=func.coalesce(bindparam("h", type_=Integer), ASSETS.c.height),
+                source_host=func.coalesce(bindparam("host", type_=String), ASSETS.c.source_host),
+            ),
+            [
+                {
+                    "asset": assets[o.scenario_asset_id],
+                    "mime": o.mime_type or None,
+                    "w": o.width or None,
+                    "h": o.height or None,
+                    "host": o.source_host or None,
+                }
+                for o in known
+            ],
+        )
+        node_ids = sorted({o.node_id for o in objects})
+        owners = {
+            node_id: (item_id, final)
+            for node_id, item_id, final in s.execute(
+                select(NODES.c.id, NODES.c.item_id, NODES.c.final).where(NODES.c.id.in_(node_ids))
             )
-
-
-def _facts(node: NodeRow) -> Facts:
-    return Facts(
-        state=node.state,
-        attempts=node.attempts,
-        max_attempts=node.max_attempts,
-        tries=node.tries,
-        stores_outputs=node.output_template is not None,
-        error=node.error,
-    )
+        }
+        existing = set(
+            s.execute(
+                select(OBJECTS.c.node_id, OBJECTS.c.output_index).where(
+                    OBJECTS.c.node_id.in_(node_ids)
+                )
+            ).all()
+        )
+        rows = [
+            {
+                "item_id": owners[o.node_id][0],
+                "node_id": o.node_id,
+                "asset_id": assets[o.scenario_asset_id],
+                "output_index": o.index,
+                "final": owners[o.node_id][1],
+                "uri": o.uri,
+                "key": o.key,
+                "sha256": o.sha256,
+                "bytes": o.size,
+                "content_type": o.content_type,
+                "public_url": o.public_url,
+                "created_at": now,
+            }
+            for o in objects
+            if (o.node_id, o.index) not in existing
+        ]
+        if rows:
+            s.execute(insert(OBJECTS), rows)
 
 
 def _values(change: Change) -> dict[str, Any]:
     values: dict[str, Any] = {"state": change.state}
     for name, value in change.values.items():
-        column = getattr(NodeRow, name)
+        column = NODES.c[name]
         values[name] = column + value.by if isinstance(value, Inc) else value
     return values
+
+
+def _item_values(
+    status: ItemStatus, nodes_of_item: list[tuple[NodeState, str | None, str | None]], now: datetime
+) -> dict[str, Any]:
+    """The columns to set on an item whose nodes are these (state, error, hint), in order of
+    creation; none when its status stands. A finished item keeps its first node's error."""
+    if status == ItemStatus.SKIPPED:
+        return {}
+    new = ItemStatus(nodes.item_status(state for state, _, _ in nodes_of_item))
+    if new == status:
+        return {}
+    values: dict[str, Any] = {"status": new, "updated_at": now, "finished_at": None}
+    if new.final:
+        failed = [(e, h) for state, e, h in nodes_of_item if state != NodeState.SUCCEEDED and e]
+        error, hint = failed[0] if failed else (None, None)
+        values |= {"finished_at": now, "error": error, "hint": hint}
+    return values
+
+
+def _job_values(row_id: int, job: Job, updated: datetime | None, now: datetime) -> dict[str, Any]:
+    """The parameters of `apply_jobs`' UPDATE for one job row (a None keeps the column)."""
+    failed = job.status.terminal and job.status not in (JobStatus.SUCCESS, JobStatus.CANCELED)
+    return {
+        "row": row_id,
+        "status": job.status,
+        "progress": job.progress,
+        "updated": job.updated_at or updated,
+        "cost": job.cost,
+        "finished": now if job.status.terminal else None,
+        "error": nodes.cut(job.error) if failed else None,
+        "hint": nodes.cut(job.hint) if failed else None,
+    }
 
 
 def _in_pool(pool: str | None) -> list[Any]:
@@ -1360,29 +1694,29 @@ def _in_pool(pool: str | None) -> list[Any]:
     if pool is None:
         return []
     if pool == "custom":
-        return [NodeRow.endpoint == "custom"]
-    return [NodeRow.endpoint != "custom"]
+        return [NODES.c.endpoint == "custom"]
+    return [NODES.c.endpoint != "custom"]
 
 
 def _guard_redispatchable(now: datetime) -> list[Any]:
     return [
         or_(
             and_(
-                NodeRow.claimed_until.is_(None),
-                or_(NodeRow.due_at.is_(None), NodeRow.due_at <= now),
+                NODES.c.claimed_until.is_(None),
+                or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
             ),
-            NodeRow.claimed_until < now,
+            NODES.c.claimed_until < now,
         )
     ]
 
 
 def _guard(change: Change, now: datetime) -> list[Any]:
     if change.guard == Guard.OWNER:
-        return [NodeRow.claim_owner == change.owner, NodeRow.claimed_until > now]
+        return [NODES.c.claim_owner == change.owner, NODES.c.claimed_until > now]
     if change.guard == Guard.CLAIMABLE:
         return [
-            NodeRow.claimed_until.is_not(None),
-            or_(NodeRow.claim_owner.is_(None), NodeRow.claimed_until < now),
+            NODES.c.claimed_until.is_not(None),
+            or_(NODES.c.claim_owner.is_(None), NODES.c.claimed_until < now),
         ]
     if change.guard == Guard.REDISPATCHABLE:
         return _guard_redispatchable(now)
@@ -1422,6 +1756,7 @@ __all__ = [
     "InFlightJob",
     "KeyOwner",
     "NewItem",
+    "NewObject",
     "Repository",
     "StoredOutput",
     "SubmitWork",
