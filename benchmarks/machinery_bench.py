@@ -92,6 +92,27 @@ def database_figures(url: str) -> tuple[float, int]:
     return sum(cpu_seconds(pid) for pid in pids), int(commits[0]) if commits else 0
 
 
+def broker_messages(url: str) -> int:
+    """Task messages sent through the broker so far (LPUSH to the queue)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def learned_caps(url: str) -> dict[str, str]:
+    """The parallel-jobs caps in the database at the end (see pipeline/capacity.py)."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[-1]
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}") as conn:
+        rows = conn.execute("SELECT name, value FROM cursors WHERE name LIKE 'capacity:%'")
+        return {str(n).rsplit(":", 1)[-1]: str(v) for n, v in rows}
+
+
 def wait_ready(cluster: Cluster, timeout: float = 60.0) -> None:
     """Until every worker's Celery consumer answers a ping."""
     from celery import Celery
@@ -236,6 +257,7 @@ def main() -> int:
             cpu0 = {w.pid: cpu_seconds(w.pid) for w in cluster.workers}
             others0 = {k: cpu_seconds(p) for k, p in others.items()}
             db_cpu0, commits0 = database_figures(database)
+            messages0 = broker_messages(cluster.redis.url)
             sandbox0 = time.process_time()
             started = time.monotonic()
             done = cluster.cli("run", "m.yaml", "--json", timeout=600)
@@ -249,6 +271,8 @@ def main() -> int:
             cpu = {w.pid: cpu_seconds(w.pid) - cpu0[w.pid] for w in cluster.workers}
             other_cpu = {k: cpu_seconds(p) - others0[k] for k, p in others.items()}
             db_cpu, commits = database_figures(database)
+            messages = broker_messages(cluster.redis.url) - messages0
+            caps = learned_caps(database)
             for spy in profilers:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
             for spy in profilers:
@@ -283,8 +307,10 @@ def main() -> int:
     )
     print(
         f"per image: {sum(requests.values()) / per:.2f} API requests (CDN downloads "
-        f"included), {(commits - commits0) / per:.1f} SQL transactions"
+        f"included), {(commits - commits0) / per:.1f} SQL transactions, "
+        f"{messages / per:.2f} task messages"
     )
+    print("  parallel-jobs caps at the end: " + (", ".join(f"{k} {v}" for k, v in caps.items())))
     print("  requests: " + ", ".join(f"{k} {v}" for k, v in sorted(requests.items())))
     if profilers and args.profile:
         print(summarize_profile(args.profile))

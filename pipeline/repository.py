@@ -14,15 +14,17 @@ Concurrency rules (they hold on SQLite and PostgreSQL alike):
 
 from __future__ import annotations
 
+import functools
 import random
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
+    Connection,
     Engine,
     Float,
     Integer,
@@ -79,17 +81,6 @@ OBJECTS = cast(Table, ObjectRow.__table__)
 RUNS = cast(Table, RunRow.__table__)
 MANIFESTS = cast(Table, ManifestRow.__table__)
 CHUNK = 1000  # ids per IN (...) list, well below every driver's limit on parameters
-# What a transition's decision reads of a node (see `nodes.Facts`).
-_FACT_COLUMNS = (
-    NODES.c.id,
-    NODES.c.item_id,
-    NODES.c.state,
-    NODES.c.attempts,
-    NODES.c.max_attempts,
-    NODES.c.tries,
-    NODES.c.output_template,
-    NODES.c.error,
-)
 
 
 @dataclass(frozen=True)
@@ -219,6 +210,252 @@ def new_run_id() -> str:
     return "run_" + utcnow().strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:8]
 
 
+# -- statements of the hot paths --------------------------------------------------------------
+# Built once, with bound parameters: building a statement and hashing it for the compiled
+# cache costs more CPU than the database spends running it. `ids` are expanding IN lists.
+
+
+def _ids(column: Any) -> Any:
+    return column.in_(bindparam("ids", expanding=True))
+
+
+def _guard(guard: Guard) -> list[Any]:
+    """What else the row must satisfy (`nodes.Guard`); binds `now` and `owner`."""
+    now = bindparam("now", type_=UTCDateTime)
+    if guard == Guard.OWNER:
+        return [NODES.c.claim_owner == bindparam("owner"), NODES.c.claimed_until > now]
+    if guard == Guard.CLAIMABLE:
+        return [
+            NODES.c.claimed_until.is_not(None),
+            or_(NODES.c.claim_owner.is_(None), NODES.c.claimed_until < now),
+        ]
+    if guard == Guard.REDISPATCHABLE:
+        return [
+            or_(
+                and_(
+                    NODES.c.claimed_until.is_(None),
+                    or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
+                ),
+                NODES.c.claimed_until < now,
+            )
+        ]
+    return []
+
+
+Shape = tuple[tuple[str, int | None], ...]  # the columns a change sets; increments by value
+
+
+def _shape(values: Mapping[str, Any]) -> Shape:
+    return tuple(sorted((k, v.by if isinstance(v, Inc) else None) for k, v in values.items()))
+
+
+@functools.cache
+def _persist_statement(
+    from_state: NodeState, to_state: NodeState, guard: Guard, shape: Shape
+) -> Any:
+    """The conditional UPDATE of a change of this shape: binds `ids`, `now`, `owner` and
+    `v_<column>` for every column set to a value."""
+    values: dict[str, Any] = {"state": to_state, "updated_at": bindparam("now", type_=UTCDateTime)}
+    for name, by in shape:
+        values[name] = NODES.c[name] + by if by is not None else bindparam(f"v_{name}")
+    return (
+        update(NODES)
+        .where(_ids(NODES.c.id), NODES.c.state == from_state, *_guard(guard))
+        .values(values)
+        .returning(NODES.c.id, NODES.c.item_id)
+    )
+
+
+@functools.cache
+def _set_nodes_statement(columns: tuple[str, ...]) -> Any:
+    """Per-node values of a batch's change (executemany); binds `node` and `v_<column>`."""
+    return (
+        update(NODES)
+        .where(NODES.c.id == bindparam("node"))
+        .values({name: bindparam(f"v_{name}") for name in columns})
+    )
+
+
+@functools.cache
+def _set_items_statement(columns: tuple[str, ...]) -> Any:
+    return update(ITEMS).where(_ids(ITEMS.c.id)).values({c: bindparam(f"v_{c}") for c in columns})
+
+
+_FACTS = select(
+    NODES.c.id,
+    NODES.c.state,
+    NODES.c.attempts,
+    NODES.c.max_attempts,
+    NODES.c.tries,
+    NODES.c.output_template,
+    NODES.c.error,
+).where(_ids(NODES.c.id))
+_LOCK_ITEMS = (
+    select(ITEMS.c.id, ITEMS.c.status)
+    .where(_ids(ITEMS.c.id))
+    .order_by(ITEMS.c.id)
+    .with_for_update()
+)
+_NODES_OF_ITEMS = (
+    select(NODES.c.item_id, NODES.c.state, NODES.c.error, NODES.c.hint)
+    .where(_ids(NODES.c.item_id))
+    .order_by(NODES.c.id)
+)
+_SPAWNING = (
+    select(NODES.c.id, NODES.c.step, ITEMS.c.recipe)
+    .join(ITEMS, ITEMS.c.id == NODES.c.item_id)
+    .where(_ids(NODES.c.id))
+)
+_DUE_FOR_TASKS = select(NODES.c.id).where(
+    NODES.c.state == bindparam("state"), *_guard(Guard.REDISPATCHABLE)
+)
+_IN_FLIGHT = (
+    select(
+        JOBS.c.id,
+        JOBS.c.scenario_job_id,
+        JOBS.c.node_id,
+        JOBS.c.model,
+        JOBS.c.job_type,
+        JOBS.c.polls,
+        JOBS.c.accepted_at,
+        JOBS.c.intent_at,
+        JOBS.c.status,
+        NODES.c.due_at,
+        NODES.c.expected_outputs,
+    )
+    .join(NODES, JOBS.c.node_id == NODES.c.id)
+    .where(
+        JOBS.c.scenario_job_id.is_not(None),
+        JOBS.c.status.in_(ACTIVE_JOB_STATUSES),
+        NODES.c.state == NodeState.RUNNING,
+    )
+)
+_COUNT_POLLS = update(JOBS).where(_ids(JOBS.c.id)).values(polls=JOBS.c.polls + 1)
+_SET_POLL_DUE = (
+    update(NODES)
+    .where(NODES.c.id == bindparam("node"), NODES.c.state == NodeState.RUNNING)
+    .values(due_at=bindparam("v_due"), updated_at=bindparam("now", type_=UTCDateTime))
+)
+_JOB_STATES = select(JOBS.c.id, JOBS.c.node_id, JOBS.c.status, JOBS.c.remote_updated_at).where(
+    _ids(JOBS.c.id)
+)
+_SET_JOBS = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("row"))
+    .values(
+        status=bindparam("v_status"),
+        progress=bindparam("v_progress"),
+        remote_updated_at=bindparam("v_updated"),
+        cost_cu=func.coalesce(bindparam("v_cost", type_=Float), JOBS.c.cost_cu),
+        finished_at=func.coalesce(bindparam("v_finished", type_=UTCDateTime), JOBS.c.finished_at),
+        error=func.coalesce(bindparam("v_error", type_=Text), JOBS.c.error),
+        hint=func.coalesce(bindparam("v_hint", type_=Text), JOBS.c.hint),
+    )
+)
+_FINISHED_NODES = select(
+    NODES.c.id, NODES.c.expected_outputs, NODES.c.output_template, NODES.c.input_asset
+).where(_ids(NODES.c.id))
+_ASSET_IDS = select(ASSETS.c.scenario_asset_id, ASSETS.c.id).where(_ids(ASSETS.c.scenario_asset_id))
+_ADD_ASSETS = insert(ASSETS).returning(
+    ASSETS.c.scenario_asset_id, ASSETS.c.id, sort_by_parameter_order=True
+)
+_SUBMIT_NODES = select(
+    NODES.c.id,
+    NODES.c.run_id,
+    NODES.c.model,
+    NODES.c.endpoint,
+    NODES.c.body,
+    NODES.c.attempts,
+    NODES.c.max_attempts,
+).where(_ids(NODES.c.id))
+_OPEN_INTENTS = (
+    select(JOBS.c.id, JOBS.c.node_id, JOBS.c.intent_at)
+    .where(_ids(JOBS.c.node_id), JOBS.c.scenario_job_id.is_(None), JOBS.c.finished_at.is_(None))
+    .order_by(JOBS.c.id)
+)
+_COUNT_ATTEMPTS = (
+    update(NODES)
+    .where(
+        _ids(NODES.c.id),
+        NODES.c.state == NodeState.SUBMITTING,
+        NODES.c.claim_owner == bindparam("owner"),
+    )
+    .values(attempts=NODES.c.attempts + 1, updated_at=bindparam("now", type_=UTCDateTime))
+    .returning(NODES.c.id, NODES.c.model)
+)
+_LAST_ATTEMPTS = (
+    select(JOBS.c.node_id, func.max(JOBS.c.attempt))
+    .where(_ids(JOBS.c.node_id))
+    .group_by(JOBS.c.node_id)
+)
+_ADD_INTENTS = insert(JOBS).returning(JOBS.c.node_id, JOBS.c.id, sort_by_parameter_order=True)
+_ACCEPT_JOB = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("row"))
+    .values(
+        scenario_job_id=bindparam("v_job"),
+        job_type=bindparam("v_type"),
+        status=bindparam("v_status"),
+        cost_cu=bindparam("v_cost"),
+        accepted_at=bindparam("v_at"),
+        remote_created_at=bindparam("v_created"),
+    )
+    .returning(JOBS.c.node_id)
+)
+_COLLECT_NODES = (
+    select(
+        NODES.c.id,
+        NODES.c.run_id,
+        NODES.c.model,
+        NODES.c.step,
+        NODES.c.branch,
+        NODES.c.expected_outputs,
+        NODES.c.final,
+        NODES.c.node_key,
+        NODES.c.input_asset,
+        NODES.c.output_template,
+        NODES.c.outputs,
+        NODES.c.reused_from_id,
+        ITEMS.c.manifest_item_id,
+        ITEMS.c.item_key,
+        ITEMS.c.seed,
+        ITEMS.c.trained_model,
+        ITEMS.c.recipe,
+        MANIFESTS.c.name.label("manifest_name"),
+    )
+    .join(ITEMS, NODES.c.item_id == ITEMS.c.id)
+    .join(RUNS, ITEMS.c.run_id == RUNS.c.id)
+    .join(MANIFESTS, RUNS.c.manifest_id == MANIFESTS.c.id)
+    .where(_ids(NODES.c.id))
+)
+_SUCCESSFUL_JOBS = (
+    select(JOBS.c.node_id, JOBS.c.scenario_job_id)
+    .where(_ids(JOBS.c.node_id), JOBS.c.status == JobStatus.SUCCESS)
+    .order_by(JOBS.c.id)
+)
+_STORED = select(OBJECTS.c.node_id, OBJECTS.c.output_index, OBJECTS.c.key, OBJECTS.c.sha256).where(
+    _ids(OBJECTS.c.node_id)
+)
+_COPIES = (
+    select(ASSETS.c.scenario_asset_id, OBJECTS.c.key, OBJECTS.c.sha256)
+    .join(ASSETS, OBJECTS.c.asset_id == ASSETS.c.id)
+    .where(_ids(ASSETS.c.scenario_asset_id))
+    .order_by(OBJECTS.c.id)
+)
+_DESCRIBE_ASSETS = (
+    update(ASSETS)
+    .where(ASSETS.c.id == bindparam("asset"))
+    .values(
+        mime_type=func.coalesce(bindparam("v_mime", type_=String), ASSETS.c.mime_type),
+        width=func.coalesce(bindparam("v_width", type_=Integer), ASSETS.c.width),
+        height=func.coalesce(bindparam("v_height", type_=Integer), ASSETS.c.height),
+        source_host=func.coalesce(bindparam("v_host", type_=String), ASSETS.c.source_host),
+    )
+)
+_OBJECT_OWNERS = select(NODES.c.id, NODES.c.item_id, NODES.c.final).where(_ids(NODES.c.id))
+_OBJECTS_OF = select(OBJECTS.c.node_id, OBJECTS.c.output_index).where(_ids(OBJECTS.c.node_id))
+
+
 class Repository:
     """Loads, persists and queries the lineage database."""
 
@@ -240,6 +477,13 @@ class Repository:
     def _tx(self) -> Iterator[Session]:
         with translate_errors(), self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def _core(self) -> Iterator[Connection]:
+        """A transaction on a plain connection, for the hot paths: they read and write
+        columns, and an ORM session would cost them more CPU than the database does."""
+        with translate_errors(), self.engine.begin() as conn:
+            yield conn
 
     def session(self) -> Any:
         """A read transaction for report builders (`pipeline.reports`)."""
@@ -740,31 +984,32 @@ class Repository:
 
     def transition_many(self, node_ids: Iterable[int], event: Event) -> set[int]:
         """Apply one event to each of many nodes, in one transaction; the nodes it moved."""
-        with self._tx() as s:
-            return set(self._apply(s, dict.fromkeys(node_ids, event), self.now()))
+        with self._core() as conn:
+            return set(self._apply(conn, dict.fromkeys(node_ids, event), self.now()))
 
     def claim(self, node_ids: Sequence[int], owner: str, state: NodeState) -> list[int]:
         """A task takes the nodes it was handed that are still in `state`; those it got."""
-        with self._tx() as s:
-            return self._move(s, node_ids, state, nodes.Claim(owner), self.now())
+        with self._core() as conn:
+            return self._move(conn, node_ids, state, nodes.Claim(owner), self.now())
 
     def renew(self, node_id: int, owner: str, state: NodeState) -> bool:
         """Extend our claim on a node still in `state`; False if it is no longer ours."""
-        with self._tx() as s:
-            return bool(self._move(s, [node_id], state, nodes.Renew(owner), self.now()))
+        with self._core() as conn:
+            return bool(self._move(conn, [node_id], state, nodes.Renew(owner), self.now()))
 
     def _apply(
-        self, s: Session, events: Mapping[int, Event], now: datetime
+        self, conn: Connection, events: Mapping[int, Event], now: datetime
     ) -> dict[int, NodeState]:
         """Decide and persist one event per node; the new state of each node it moved.
 
-        Nodes that get the same change from the same state share one conditional UPDATE,
-        so a batch costs a few statements whatever its size; a node another writer moved
-        since its facts were read is left out by the UPDATE's guard.
+        Nodes whose changes set the same columns from the same state share one conditional
+        UPDATE (what differs between them, such as a job's outputs, follows in one
+        executemany), so a batch costs a few statements whatever its size; a node another
+        writer moved since its facts were read is left out by the UPDATE's guard.
         """
-        groups: list[tuple[NodeState, Change, list[int]]] = []
+        groups: dict[tuple[Any, ...], list[tuple[int, Change]]] = {}
         for chunk in _chunks(sorted(events), CHUNK):
-            for row in s.execute(select(*_FACT_COLUMNS).where(NODES.c.id.in_(chunk))):
+            for row in conn.execute(_FACTS, {"ids": list(chunk)}):
                 facts = Facts(
                     state=row.state,
                     attempts=row.attempts,
@@ -774,30 +1019,61 @@ class Repository:
                     error=row.error,
                 )
                 change = nodes.decide(facts, events[row.id], now, self.policy, self.rng)
-                if change is None:
-                    continue
-                for state, known, ids in groups:
-                    if state == facts.state and known == change:
-                        ids.append(row.id)
-                        break
-                else:
-                    groups.append((facts.state, change, [row.id]))
+                if change is not None:
+                    key = (facts.state, change.state, change.guard, change.owner, change.spawn)
+                    groups.setdefault((*key, _shape(change.values)), []).append((row.id, change))
         moved: dict[int, NodeState] = {}
         spawning: list[int] = []
         items: set[int] = set()
-        for state, change, ids in groups:
-            for node_id, item_id in self._persist(s, ids, state, change, now):
+        for (state, *_), members in groups.items():
+            change = members[0][1]
+            for node_id, item_id in self._persist_group(conn, state, members, now):
                 moved[node_id] = change.state
                 if change.spawn:
                     spawning.append(node_id)
                 if change.spawn or nodes.moves_item(state, change.state):
                     items.add(item_id)
-        self._spawn_children(s, spawning, now)
-        self._refresh_items(s, items, now)
+        self._spawn_children(conn, spawning, now)
+        self._refresh_items(conn, items, now)
+        return moved
+
+    def _persist_group(
+        self,
+        conn: Connection,
+        from_state: NodeState,
+        members: Sequence[tuple[int, Change]],
+        now: datetime,
+    ) -> list[tuple[int, int]]:
+        """Persist changes that set the same columns: the values they share with the guarded
+        UPDATE, then the values each node has of its own, for the nodes it moved."""
+        first = members[0][1]
+        shared = {
+            name: value
+            for name, value in first.values.items()
+            if all(change.values[name] == value for _, change in members)
+        }
+        moved = self._persist(
+            conn, [n for n, _ in members], from_state, replace(first, values=shared), now
+        )
+        own = tuple(sorted(set(first.values) - set(shared)))
+        if own and moved:
+            changes = dict(members)
+            conn.execute(
+                _set_nodes_statement(own),
+                [
+                    {"node": node_id} | {f"v_{name}": changes[node_id].values[name] for name in own}
+                    for node_id, _ in moved
+                ],
+            )
         return moved
 
     def _move(
-        self, s: Session, node_ids: Sequence[int], state: NodeState, event: Event, now: datetime
+        self,
+        conn: Connection,
+        node_ids: Sequence[int],
+        state: NodeState,
+        event: Event,
+        now: datetime,
     ) -> list[int]:
         """Apply an event whose change depends on the state alone (`STATE_ONLY_EVENTS`) to
         nodes in `state`: decided once, persisted with one UPDATE; the nodes it moved."""
@@ -805,14 +1081,14 @@ class Repository:
         change = nodes.decide(Facts(state), event, now, self.policy, self.rng)
         if change is None or not node_ids:
             return []
-        moved = self._persist(s, node_ids, state, change, now)
+        moved = self._persist(conn, node_ids, state, change, now)
         if nodes.moves_item(state, change.state):
-            self._refresh_items(s, {item_id for _, item_id in moved}, now)
+            self._refresh_items(conn, {item_id for _, item_id in moved}, now)
         return [node_id for node_id, _ in moved]
 
     def _persist(
         self,
-        s: Session,
+        conn: Connection,
         node_ids: Sequence[int],
         from_state: NodeState,
         change: Change,
@@ -820,40 +1096,44 @@ class Repository:
     ) -> list[tuple[int, int]]:
         """Conditional UPDATEs: each row must still be as the decision saw it. The (node id,
         item id) of every row changed."""
-        values = _values(change) | {"updated_at": now}
+        statement = _persist_statement(
+            from_state, change.state, change.guard, _shape(change.values)
+        )
+        params: dict[str, Any] = {"now": now}
+        if change.guard == Guard.OWNER:
+            params["owner"] = change.owner
+        for name, value in change.values.items():
+            if not isinstance(value, Inc):
+                params[f"v_{name}"] = value
         moved: list[tuple[int, int]] = []
         for chunk in _chunks(sorted(node_ids), CHUNK):
-            result = s.execute(
-                update(NODES)
-                .where(NODES.c.id.in_(chunk), NODES.c.state == from_state, *_guard(change, now))
-                .values(**values)
-                .returning(NODES.c.id, NODES.c.item_id)
-            )
+            result = conn.execute(statement, params | {"ids": list(chunk)})
             moved += [(node_id, item_id) for node_id, item_id in result]
         return moved
 
-    def _spawn_children(self, s: Session, node_ids: Sequence[int], now: datetime) -> None:
+    def _spawn_children(self, conn: Connection, node_ids: Sequence[int], now: datetime) -> None:
         """The recipe's next step on the outputs of nodes that just succeeded (`_spawn`)."""
         for chunk in _chunks(node_ids, CHUNK):
-            rows = s.execute(
-                select(NODES.c.id, NODES.c.step, ITEMS.c.recipe)
-                .join(ITEMS, ITEMS.c.id == NODES.c.item_id)
-                .where(NODES.c.id.in_(chunk))
-            ).all()
-            for node_id, step, recipe in rows:
-                if step >= len(recipe.get("steps", [])):
-                    continue  # the recipe's last step: nothing follows
-                node = s.get(NodeRow, node_id, populate_existing=True)
-                assert node is not None
-                item = s.get(ItemRow, node.item_id)
-                assert item is not None
-                self._spawn(s, item, node, now)
+            spawning = [
+                node_id
+                for node_id, step, recipe in conn.execute(_SPAWNING, {"ids": list(chunk)})
+                if step < len(recipe.get("steps", []))  # else the recipe's last step
+            ]
+            if not spawning:
+                continue
+            with Session(bind=conn) as s:  # in this transaction (the nodes go in as objects)
+                for node_id in spawning:
+                    node = s.get(NodeRow, node_id)
+                    assert node is not None
+                    item = s.get(ItemRow, node.item_id)
+                    assert item is not None
+                    self._spawn(s, item, node, now)
 
     def _refresh_item(self, s: Session, item_id: int, now: datetime) -> None:
         """Derive an item's status from its nodes' states."""
-        self._refresh_items(s, [item_id], now)
+        self._refresh_items(s.connection(), [item_id], now)
 
-    def _refresh_items(self, s: Session, item_ids: Iterable[int], now: datetime) -> None:
+    def _refresh_items(self, conn: Connection, item_ids: Iterable[int], now: datetime) -> None:
         """Derive items' statuses from their nodes' states, in a few statements.
 
         The item rows are locked before their nodes are read (on PostgreSQL; SQLite has one
@@ -861,18 +1141,9 @@ class Repository:
         the other's node unfinished and leave their item running for good.
         """
         for chunk in _chunks(sorted(set(item_ids)), CHUNK):
-            current = s.execute(
-                select(ITEMS.c.id, ITEMS.c.status)
-                .where(ITEMS.c.id.in_(chunk))
-                .order_by(ITEMS.c.id)
-                .with_for_update()
-            ).all()
+            current = conn.execute(_LOCK_ITEMS, {"ids": list(chunk)}).all()
             found: dict[int, list[tuple[NodeState, str | None, str | None]]] = {}
-            for item_id, state, error, hint in s.execute(
-                select(NODES.c.item_id, NODES.c.state, NODES.c.error, NODES.c.hint)
-                .where(NODES.c.item_id.in_(chunk))
-                .order_by(NODES.c.id)
-            ):
+            for item_id, state, error, hint in conn.execute(_NODES_OF_ITEMS, {"ids": list(chunk)}):
                 found.setdefault(item_id, []).append((state, error, hint))
             changes: dict[tuple[tuple[str, Any], ...], list[int]] = {}
             for item_id, status in current:
@@ -880,7 +1151,8 @@ class Repository:
                 if values:
                     changes.setdefault(tuple(sorted(values.items())), []).append(item_id)
             for columns, ids in changes.items():
-                s.execute(update(ITEMS).where(ITEMS.c.id.in_(ids)).values(dict(columns)))
+                statement = _set_items_statement(tuple(name for name, _ in columns))
+                conn.execute(statement, {f"v_{k}": v for k, v in columns} | {"ids": ids})
 
     def slots_in_use(self, pool: str | None = None) -> int:
         """Nodes holding a parallel-job slot (being submitted or running remotely)."""
@@ -951,11 +1223,9 @@ class Repository:
         A node handed out `policy.max_tries` times fails with its last real error.
         """
         now = self.now()
-        with self._tx() as s:
-            due = s.execute(
-                select(NODES.c.id).where(NODES.c.state == state, *_guard_redispatchable(now))
-            ).scalars()
-            moved = self._apply(s, dict.fromkeys(due, nodes.Redispatch()), now)
+        with self._core() as conn:
+            due = conn.execute(_DUE_FOR_TASKS, {"state": state, "now": now}).scalars()
+            moved = self._apply(conn, dict.fromkeys(due, nodes.Redispatch()), now)
         return sorted(node_id for node_id, new in moved.items() if new == state)
 
     def collect_now(self) -> None:
@@ -974,28 +1244,8 @@ class Repository:
 
     def in_flight_jobs(self) -> list[InFlightJob]:
         """Every submitted job of a running node that has not reached a terminal status."""
-        with self._tx() as s:
-            rows = s.execute(
-                select(
-                    JOBS.c.id,
-                    JOBS.c.scenario_job_id,
-                    JOBS.c.node_id,
-                    JOBS.c.model,
-                    JOBS.c.job_type,
-                    JOBS.c.polls,
-                    JOBS.c.accepted_at,
-                    JOBS.c.intent_at,
-                    JOBS.c.status,
-                    NODES.c.due_at,
-                    NODES.c.expected_outputs,
-                )
-                .join(NODES, JOBS.c.node_id == NODES.c.id)
-                .where(
-                    JOBS.c.scenario_job_id.is_not(None),
-                    JOBS.c.status.in_(ACTIVE_JOB_STATUSES),
-                    NODES.c.state == NodeState.RUNNING,
-                )
-            ).all()
+        with self._core() as conn:
+            rows = conn.execute(_IN_FLIGHT).all()
         return [
             InFlightJob(
                 row_id=r.id,
@@ -1038,15 +1288,13 @@ class Repository:
         """Set the next look at running jobs: {(job row id, node id): when} (a poll counted)."""
         if not schedule:
             return
-        with self._tx() as s:
+        with self._core() as conn:
             now = self.now()
             for chunk in _chunks(sorted(row_id for row_id, _ in schedule), CHUNK):
-                s.execute(update(JOBS).where(JOBS.c.id.in_(chunk)).values(polls=JOBS.c.polls + 1))
-            s.execute(
-                update(NODES)
-                .where(NODES.c.id == bindparam("node"), NODES.c.state == NodeState.RUNNING)
-                .values(due_at=bindparam("when"), updated_at=now),
-                [{"node": node_id, "when": when} for (_, node_id), when in schedule.items()],
+                conn.execute(_COUNT_POLLS, {"ids": list(chunk)})
+            conn.execute(
+                _SET_POLL_DUE,
+                [{"node": node, "v_due": when, "now": now} for (_, node), when in schedule.items()],
             )
 
     def apply_jobs(
@@ -1059,67 +1307,41 @@ class Repository:
         """
         now = self.now()
         jobs = dict(polled)
-        with self._tx() as s:
+        with self._core() as conn:
             live: dict[int, tuple[int, datetime | None]] = {}  # row id -> node id, updated
             for chunk in _chunks(sorted(jobs), CHUNK):
-                for row_id, node_id, status, updated in s.execute(
-                    select(
-                        JOBS.c.id, JOBS.c.node_id, JOBS.c.status, JOBS.c.remote_updated_at
-                    ).where(JOBS.c.id.in_(chunk))
+                for row_id, node_id, status, updated in conn.execute(
+                    _JOB_STATES, {"ids": list(chunk)}
                 ):
                     if status is None or not status.terminal:
                         live[row_id] = (node_id, updated)
             if not live:
                 return {}
-            s.execute(
-                update(JOBS)
-                .where(JOBS.c.id == bindparam("row"))
-                .values(
-                    status=bindparam("status"),
-                    progress=bindparam("progress"),
-                    remote_updated_at=bindparam("updated"),
-                    cost_cu=func.coalesce(bindparam("cost", type_=Float), JOBS.c.cost_cu),
-                    finished_at=func.coalesce(
-                        bindparam("finished", type_=UTCDateTime), JOBS.c.finished_at
-                    ),
-                    error=func.coalesce(bindparam("error", type_=Text), JOBS.c.error),
-                    hint=func.coalesce(bindparam("hint", type_=Text), JOBS.c.hint),
-                ),
-                [
-                    _job_values(row_id, jobs[row_id], updated, now)
-                    for row_id, (_, updated) in live.items()
-                ],
+            conn.execute(
+                _SET_JOBS,
+                [_job_values(row, jobs[row], updated, now) for row, (_, updated) in live.items()],
             )
             finished = {
                 node_id: row_id
                 for row_id, (node_id, _) in live.items()
                 if jobs[row_id].status.terminal
             }
-            events = self._job_events(
-                s,
-                {node_id: jobs[row_id] for node_id, row_id in finished.items()},
-                finished,
-                collect_now,
-            )
-            moved = self._apply(s, events, now)
+            events = self._job_events(conn, jobs, finished, collect_now)
+            moved = self._apply(conn, events, now)
         return {finished[node_id]: state for node_id, state in moved.items()}
 
     def _job_events(
-        self, s: Session, jobs: dict[int, Job], rows: dict[int, int], collect_now: bool
+        self, conn: Connection, jobs: dict[int, Job], finished: dict[int, int], collect_now: bool
     ) -> dict[int, Event]:
-        """The event each finished job (by node id) makes; asset rows for the outputs."""
+        """The event each finished job makes (by node id; `finished` maps node id -> job row
+        id), and asset rows for the outputs of the jobs that succeeded."""
         events: dict[int, Event] = {}
         made: list[tuple[int, str | None, tuple[str, ...]]] = []
-        for chunk in _chunks(sorted(jobs), CHUNK):
-            for node_id, expected, template, input_asset in s.execute(
-                select(
-                    NODES.c.id,
-                    NODES.c.expected_outputs,
-                    NODES.c.output_template,
-                    NODES.c.input_asset,
-                ).where(NODES.c.id.in_(chunk))
+        for chunk in _chunks(sorted(finished), CHUNK):
+            for node_id, expected, template, input_asset in conn.execute(
+                _FINISHED_NODES, {"ids": list(chunk)}
             ):
-                job = jobs[node_id]
+                job = jobs[finished[node_id]]
                 if job.status == JobStatus.SUCCESS:
                     ids = tuple(job.asset_ids)
                     if len(ids) > expected and template is not None:
@@ -1128,42 +1350,27 @@ class Repository:
                             "expected; their storage keys would collide"
                         )
                     else:
-                        made.append((rows[node_id], input_asset, ids))
+                        made.append((finished[node_id], input_asset, ids))
                         events[node_id] = nodes.Succeeded(ids, collect_now=collect_now)
                 elif job.status == JobStatus.CANCELED:
                     events[node_id] = nodes.JobCanceled(job.error or f"job {job.id} was canceled")
                 else:
                     events[node_id] = nodes.JobFailed(job.error or f"job {job.id} failed", job.hint)
-        self._record_output_assets(s, made)
+        self._record_output_assets(conn, made)
         return events
 
     def _record_output_assets(
-        self, s: Session, made: Sequence[tuple[int, str | None, tuple[str, ...]]]
+        self, conn: Connection, made: Sequence[tuple[int, str | None, tuple[str, ...]]]
     ) -> None:
         """Asset rows for jobs' outputs, given as (job row id, the asset the job ran on,
         output asset ids); each is linked to the asset it was made from."""
-        inputs = sorted({parent for _, parent, _ in made if parent})
-        parents: dict[str, int] = {}
-        for chunk in _chunks(inputs, CHUNK):
-            parents.update(
-                s.execute(
-                    select(ASSETS.c.scenario_asset_id, ASSETS.c.id).where(
-                        ASSETS.c.scenario_asset_id.in_(chunk)
-                    )
-                ).all()
-            )
-        existing: set[str] = set()
-        for chunk in _chunks(sorted({a for _, _, ids in made for a in ids}), CHUNK):
-            existing.update(
-                s.execute(
-                    select(ASSETS.c.scenario_asset_id).where(ASSETS.c.scenario_asset_id.in_(chunk))
-                ).scalars()
-            )
+        parents = _asset_rows(conn, {parent for _, parent, _ in made if parent})
+        existing = _asset_rows(conn, {a for _, _, ids in made for a in ids})
         rows = []
         for job_id, parent, ids in made:
             for index, asset_id in enumerate(ids):
                 if asset_id not in existing:
-                    existing.add(asset_id)
+                    existing[asset_id] = 0  # made below
                     rows.append(
                         {
                             "scenario_asset_id": asset_id,
@@ -1174,7 +1381,7 @@ class Repository:
                         }
                     )
         if rows:
-            s.execute(insert(ASSETS), rows)
+            conn.execute(_ADD_ASSETS, rows)
 
     def refresh_runs(self) -> list[str]:
         """Derive the status of running runs from their items; return runs that finished."""
@@ -1223,18 +1430,19 @@ class Repository:
     def _end_run_nodes(self, run_id: str, event: nodes.Cancel | nodes.Fail) -> list[str]:
         now = self.now()
         remote: list[str] = []
-        with self._tx() as s:
+        with self._core() as conn:
             unfinished = (
-                s.execute(
+                conn.execute(
                     select(NODES.c.id).where(
-                        NODES.c.run_id == run_id, NODES.c.state.in_(list(nodes.UNFINISHED_STATES))
+                        NODES.c.run_id == run_id,
+                        NODES.c.state.in_(list(nodes.UNFINISHED_STATES)),
                     )
                 )
                 .scalars()
                 .all()
             )
             for chunk in _chunks(unfinished, CHUNK):
-                jobs = s.execute(
+                jobs = conn.execute(
                     select(JOBS.c.id, JOBS.c.scenario_job_id).where(
                         JOBS.c.node_id.in_(chunk),
                         JOBS.c.scenario_job_id.is_not(None),
@@ -1242,28 +1450,21 @@ class Repository:
                     )
                 ).all()
                 if jobs:
-                    s.execute(
+                    conn.execute(
                         update(JOBS)
                         .where(JOBS.c.id.in_([row_id for row_id, _ in jobs]))
                         .values(status=JobStatus.CANCELED, finished_at=now)
                     )
                     remote += [job_id or "" for _, job_id in jobs]
-            self._apply(s, dict.fromkeys(unfinished, event), now)
+            self._apply(conn, dict.fromkeys(unfinished, event), now)
             # An item whose nodes were never created (or all finished) is settled here.
-            open_items = (
-                s.execute(
-                    select(ITEMS.c.id).where(
-                        ITEMS.c.run_id == run_id, ITEMS.c.status.not_in(list(FINAL_ITEM_STATUSES))
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            self._refresh_items(s, open_items, now)
+            still_open = [ITEMS.c.run_id == run_id, ITEMS.c.status.not_in(FINAL_ITEM_STATUSES)]
+            open_items = conn.execute(select(ITEMS.c.id).where(*still_open)).scalars().all()
+            self._refresh_items(conn, open_items, now)
             failed = isinstance(event, nodes.Fail)
-            s.execute(
+            conn.execute(
                 update(ITEMS)
-                .where(ITEMS.c.run_id == run_id, ITEMS.c.status.not_in(list(FINAL_ITEM_STATUSES)))
+                .where(*still_open)
                 .values(
                     status=ItemStatus.FAILED if failed else ItemStatus.CANCELED,
                     error=event.reason,
@@ -1291,31 +1492,10 @@ class Repository:
 
     def submit_works(self, node_ids: Sequence[int]) -> list[SubmitWork]:
         """What submit tasks need of their nodes, read under their claims, in the order given."""
-        with self._tx() as s:
-            found = {
-                row.id: row
-                for row in s.execute(
-                    select(
-                        NODES.c.id,
-                        NODES.c.run_id,
-                        NODES.c.model,
-                        NODES.c.endpoint,
-                        NODES.c.body,
-                        NODES.c.attempts,
-                        NODES.c.max_attempts,
-                    ).where(NODES.c.id.in_(node_ids))
-                )
-            }
+        with self._core() as conn:
+            found = {row.id: row for row in conn.execute(_SUBMIT_NODES, {"ids": list(node_ids)})}
             intents: dict[int, tuple[int, datetime]] = {}
-            for row_id, node_id, intent_at in s.execute(
-                select(JOBS.c.id, JOBS.c.node_id, JOBS.c.intent_at)
-                .where(
-                    JOBS.c.node_id.in_(list(found)),
-                    JOBS.c.scenario_job_id.is_(None),
-                    JOBS.c.finished_at.is_(None),
-                )
-                .order_by(JOBS.c.id)
-            ):
+            for row_id, node_id, intent_at in conn.execute(_OPEN_INTENTS, {"ids": list(found)}):
                 intents[node_id] = (row_id, intent_at)  # the newest open intent wins
         works = []
         for node_id in node_ids:
@@ -1365,38 +1545,21 @@ class Repository:
         """Write the intents to submit (before the POSTs) of nodes under our claim, in one
         transaction: node id -> its job row id (a node whose claim we lost is left out)."""
         now = self.now()
-        with self._tx() as s:
-            taken = s.execute(
-                update(NODES)
-                .where(
-                    NODES.c.id.in_(node_ids),
-                    NODES.c.state == NodeState.SUBMITTING,
-                    NODES.c.claim_owner == owner,
-                )
-                .values(attempts=NODES.c.attempts + 1, updated_at=now)
-                .returning(NODES.c.id, NODES.c.model)
-            ).all()
+        with self._core() as conn:
+            params = {"ids": list(node_ids), "owner": owner, "now": now}
+            taken = conn.execute(_COUNT_ATTEMPTS, params).all()
             if not taken:
                 return {}
             # Job rows number every POST, refused ones too (a 429 leaves its row behind and
             # does not count as an attempt), so the number is not `attempts`.
-            numbers = dict(
-                s.execute(
-                    select(JOBS.c.node_id, func.max(JOBS.c.attempt))
-                    .where(JOBS.c.node_id.in_([node_id for node_id, _ in taken]))
-                    .group_by(JOBS.c.node_id)
-                ).all()
-            )
+            ids = [node_id for node_id, _ in taken]
+            numbers = dict(conn.execute(_LAST_ATTEMPTS, {"ids": ids}).all())
             rows = [
                 {"node_id": node_id, "attempt": numbers.get(node_id, 0) + 1, "model": model}
                 | {"intent_at": now}
                 for node_id, model in sorted(taken)
             ]
-            made = s.execute(
-                insert(JOBS).returning(JOBS.c.node_id, JOBS.c.id, sort_by_parameter_order=True),
-                rows,
-            )
-            return {node_id: row_id for node_id, row_id in made}
+            return {node_id: row_id for node_id, row_id in conn.execute(_ADD_INTENTS, rows)}
 
     def known_job_ids(self, scenario_job_ids: Iterable[str]) -> set[str]:
         ids = list(scenario_job_ids)
@@ -1413,33 +1576,32 @@ class Repository:
     def record_accepted(self, row_id: int, job: Job, cost: float | None, first_poll: float) -> None:
         """The POST answered (or reconciliation found the job): the node is running."""
         now = self.now()
-        with self._tx() as s:
-            node_id = s.execute(
-                update(JOBS)
-                .where(JOBS.c.id == row_id)
-                .values(
-                    scenario_job_id=job.id,
-                    job_type=job.job_type or "custom",
-                    status=JobStatus.PENDING if job.status.terminal else job.status,
-                    cost_cu=cost if cost is not None else job.cost,
-                    accepted_at=now,
-                    remote_created_at=job.created_at,
-                )
-                .returning(JOBS.c.node_id)
+        with self._core() as conn:
+            node_id = conn.execute(
+                _ACCEPT_JOB,
+                {
+                    "row": row_id,
+                    "v_job": job.id,
+                    "v_type": job.job_type or "custom",
+                    "v_status": JobStatus.PENDING if job.status.terminal else job.status,
+                    "v_cost": cost if cost is not None else job.cost,
+                    "v_at": now,
+                    "v_created": job.created_at,
+                },
             ).scalar_one()
-            self._move(s, [node_id], NodeState.SUBMITTING, nodes.Accepted(first_poll), now)
+            self._move(conn, [node_id], NodeState.SUBMITTING, nodes.Accepted(first_poll), now)
 
     def record_refused(self, row_id: int, event: nodes.Throttled | nodes.Refused) -> None:
         """The POST was refused: nothing was created or billed."""
         now = self.now()
-        with self._tx() as s:
-            node_id = s.execute(
+        with self._core() as conn:
+            node_id = conn.execute(
                 update(JOBS)
                 .where(JOBS.c.id == row_id)
                 .values(error=event.error, finished_at=now)
                 .returning(JOBS.c.node_id)
             ).scalar_one()
-            self._apply(s, {node_id: event}, now)
+            self._apply(conn, {node_id: event}, now)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -1473,50 +1635,20 @@ class Repository:
     def collect_works(self, node_ids: Sequence[int]) -> dict[int, CollectWork]:
         """What collect tasks need of their nodes, read under their claims (a node without
         outputs to store is left out)."""
-        with self._tx() as s:
-            rows = s.execute(
-                select(
-                    NODES.c.id,
-                    NODES.c.run_id,
-                    NODES.c.model,
-                    NODES.c.step,
-                    NODES.c.branch,
-                    NODES.c.expected_outputs,
-                    NODES.c.final,
-                    NODES.c.node_key,
-                    NODES.c.input_asset,
-                    NODES.c.output_template,
-                    NODES.c.outputs,
-                    NODES.c.reused_from_id,
-                    ITEMS.c.manifest_item_id,
-                    ITEMS.c.item_key,
-                    ITEMS.c.seed,
-                    ITEMS.c.trained_model,
-                    ITEMS.c.recipe,
-                    MANIFESTS.c.name.label("manifest_name"),
-                )
-                .join(ITEMS, NODES.c.item_id == ITEMS.c.id)
-                .join(RUNS, ITEMS.c.run_id == RUNS.c.id)
-                .join(MANIFESTS, RUNS.c.manifest_id == MANIFESTS.c.id)
-                .where(NODES.c.id.in_(node_ids))
-            ).all()
-            rows = [r for r in rows if (r.outputs or {}).get("ids") and r.output_template]
+        with self._core() as conn:
+            rows = [
+                r
+                for r in conn.execute(_COLLECT_NODES, {"ids": list(node_ids)})
+                if (r.outputs or {}).get("ids") and r.output_template
+            ]
             sources = {r.id: r.reused_from_id or r.id for r in rows}
             jobs: dict[int, str | None] = {}
-            for node_id, job_id in s.execute(
-                select(JOBS.c.node_id, JOBS.c.scenario_job_id)
-                .where(
-                    JOBS.c.node_id.in_(set(sources.values())), JOBS.c.status == JobStatus.SUCCESS
-                )
-                .order_by(JOBS.c.id)
+            for node_id, job_id in conn.execute(
+                _SUCCESSFUL_JOBS, {"ids": sorted(set(sources.values()))}
             ):
                 jobs[node_id] = job_id  # the newest successful job wins
             stored: dict[int, dict[int, tuple[str, str]]] = {}
-            for node_id, index, key, sha in s.execute(
-                select(
-                    OBJECTS.c.node_id, OBJECTS.c.output_index, OBJECTS.c.key, OBJECTS.c.sha256
-                ).where(OBJECTS.c.node_id.in_(list(sources)))
-            ):
+            for node_id, index, key, sha in conn.execute(_STORED, {"ids": list(sources)}):
                 stored.setdefault(node_id, {})[index] = (key, sha)
         return {
             r.id: CollectWork(
@@ -1546,14 +1678,9 @@ class Repository:
     def stored_copies(self, scenario_asset_ids: Iterable[str]) -> dict[str, dict[str, str]]:
         """For assets stored before: asset id -> {key: sha256 of the newest object there}."""
         copies: dict[str, dict[str, str]] = {}
-        with self._tx() as s:
+        with self._core() as conn:
             for chunk in _chunks(sorted(set(scenario_asset_ids)), CHUNK):
-                for asset_id, key, sha in s.execute(
-                    select(ASSETS.c.scenario_asset_id, OBJECTS.c.key, OBJECTS.c.sha256)
-                    .join(ASSETS, OBJECTS.c.asset_id == ASSETS.c.id)
-                    .where(ASSETS.c.scenario_asset_id.in_(chunk))
-                    .order_by(OBJECTS.c.id)
-                ):
+                for asset_id, key, sha in conn.execute(_COPIES, {"ids": list(chunk)}):
                     copies.setdefault(asset_id, {})[key] = sha
         return copies
 
@@ -1564,27 +1691,20 @@ class Repository:
         is known of their Scenario assets (idempotent), then each node's event (`Stored`,
         or why not). The new state of each node an event moved."""
         now = self.now()
-        with self._tx() as s:
+        with self._core() as conn:
             if objects:
-                self._record_objects(s, objects, now)
-            return self._apply(s, events, now)
+                self._record_objects(conn, objects, now)
+            return self._apply(conn, events, now)
 
-    def _record_objects(self, s: Session, objects: Sequence[NewObject], now: datetime) -> None:
-        wanted = sorted({o.scenario_asset_id for o in objects})
-        assets = dict(
-            s.execute(
-                select(ASSETS.c.scenario_asset_id, ASSETS.c.id).where(
-                    ASSETS.c.scenario_asset_id.in_(wanted)
-                )
-            ).all()
-        )
-        known = [o for o in {o.scenario_asset_id: o for o in objects}.values()]
-        missing = [o for o in known if o.scenario_asset_id not in assets]
+    def _record_objects(
+        self, conn: Connection, objects: Sequence[NewObject], now: datetime
+    ) -> None:
+        described = list({o.scenario_asset_id: o for o in objects}.values())
+        assets = _asset_rows(conn, {o.scenario_asset_id for o in described})
+        missing = [o for o in described if o.scenario_asset_id not in assets]
         if missing:
-            made = s.execute(
-                insert(ASSETS).returning(
-                    ASSETS.c.scenario_asset_id, ASSETS.c.id, sort_by_parameter_order=True
-                ),
+            made = conn.execute(
+                _ADD_ASSETS,
                 [
                     {"scenario_asset_id": o.scenario_asset_id, "role": AssetRole.OUTPUT}
                     for o in missing
@@ -1592,40 +1712,22 @@ class Repository:
             )
             assets.update({asset_id: row_id for asset_id, row_id in made})
         # What is now known of each asset; what a write knew before is never erased.
-        s.execute(
-            update(ASSETS)
-            .where(ASSETS.c.id == bindparam("asset"))
-            .values(
-                mime_type=func.coalesce(bindparam("mime", type_=String), ASSETS.c.mime_type),
-                width=func.coalesce(bindparam("w", type_=Integer), ASSETS.c.width),
-                height=func.coalesce(bindparam("h", type_=Integer), ASSETS.c.height),
-                source_host=func.coalesce(bindparam("host", type_=String), ASSETS.c.source_host),
-            ),
+        conn.execute(
+            _DESCRIBE_ASSETS,
             [
                 {
                     "asset": assets[o.scenario_asset_id],
-                    "mime": o.mime_type or None,
-                    "w": o.width or None,
-                    "h": o.height or None,
-                    "host": o.source_host or None,
+                    "v_mime": o.mime_type or None,
+                    "v_width": o.width or None,
+                    "v_height": o.height or None,
+                    "v_host": o.source_host or None,
                 }
-                for o in known
+                for o in described
             ],
         )
-        node_ids = sorted({o.node_id for o in objects})
-        owners = {
-            node_id: (item_id, final)
-            for node_id, item_id, final in s.execute(
-                select(NODES.c.id, NODES.c.item_id, NODES.c.final).where(NODES.c.id.in_(node_ids))
-            )
-        }
-        existing = set(
-            s.execute(
-                select(OBJECTS.c.node_id, OBJECTS.c.output_index).where(
-                    OBJECTS.c.node_id.in_(node_ids)
-                )
-            ).all()
-        )
+        ids = sorted({o.node_id for o in objects})
+        owners = {n: (item, final) for n, item, final in conn.execute(_OBJECT_OWNERS, {"ids": ids})}
+        existing = {(n, index) for n, index in conn.execute(_OBJECTS_OF, {"ids": ids})}
         rows = [
             {
                 "item_id": owners[o.node_id][0],
@@ -1645,7 +1747,7 @@ class Repository:
             if (o.node_id, o.index) not in existing
         ]
         if rows:
-            s.execute(insert(OBJECTS), rows)
+            conn.execute(insert(OBJECTS), rows)
 
 
 def _values(change: Change) -> dict[str, Any]:
@@ -1679,13 +1781,13 @@ def _job_values(row_id: int, job: Job, updated: datetime | None, now: datetime) 
     failed = job.status.terminal and job.status not in (JobStatus.SUCCESS, JobStatus.CANCELED)
     return {
         "row": row_id,
-        "status": job.status,
-        "progress": job.progress,
-        "updated": job.updated_at or updated,
-        "cost": job.cost,
-        "finished": now if job.status.terminal else None,
-        "error": nodes.cut(job.error) if failed else None,
-        "hint": nodes.cut(job.hint) if failed else None,
+        "v_status": job.status,
+        "v_progress": job.progress,
+        "v_updated": job.updated_at or updated,
+        "v_cost": job.cost,
+        "v_finished": now if job.status.terminal else None,
+        "v_error": nodes.cut(job.error) if failed else None,
+        "v_hint": nodes.cut(job.hint) if failed else None,
     }
 
 
@@ -1698,29 +1800,14 @@ def _in_pool(pool: str | None) -> list[Any]:
     return [NODES.c.endpoint != "custom"]
 
 
-def _guard_redispatchable(now: datetime) -> list[Any]:
-    return [
-        or_(
-            and_(
-                NODES.c.claimed_until.is_(None),
-                or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
-            ),
-            NODES.c.claimed_until < now,
+def _asset_rows(conn: Connection, scenario_asset_ids: Iterable[str]) -> dict[str, int]:
+    """The row ids of these Scenario assets, where they have one."""
+    found: dict[str, int] = {}
+    for chunk in _chunks(sorted(set(scenario_asset_ids)), CHUNK):
+        found.update(
+            {asset_id: row for asset_id, row in conn.execute(_ASSET_IDS, {"ids": list(chunk)})}
         )
-    ]
-
-
-def _guard(change: Change, now: datetime) -> list[Any]:
-    if change.guard == Guard.OWNER:
-        return [NODES.c.claim_owner == change.owner, NODES.c.claimed_until > now]
-    if change.guard == Guard.CLAIMABLE:
-        return [
-            NODES.c.claimed_until.is_not(None),
-            or_(NODES.c.claim_owner.is_(None), NODES.c.claimed_until < now),
-        ]
-    if change.guard == Guard.REDISPATCHABLE:
-        return _guard_redispatchable(now)
-    return []
+    return found
 
 
 def _refresh_run_status(s: Session, run: RunRow, now: datetime) -> bool:
