@@ -76,6 +76,13 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def machine_busy() -> tuple[float, float]:
+    """CPU seconds the whole machine has spent busy and idle so far (from /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / TICKS, idle / TICKS
+
+
 def database_figures(url: str) -> tuple[float, int]:
     """CPU seconds of the database's backends serving `url`'s database, and its commits."""
     import psycopg
@@ -259,6 +266,7 @@ def main() -> int:
             db_cpu0, commits0 = database_figures(database)
             messages0 = broker_messages(cluster.redis.url)
             sandbox0 = time.process_time()
+            busy0, idle0 = machine_busy()
             started = time.monotonic()
             done = cluster.cli("run", "m.yaml", "--json", timeout=600)
             if done.returncode != 0:
@@ -268,6 +276,7 @@ def main() -> int:
             while run_status(database, run_id) == "running" and time.monotonic() - started < 1800:
                 time.sleep(0.2)
             sandbox_cpu = time.process_time() - sandbox0
+            busy1, idle1 = machine_busy()
             cpu = {w.pid: cpu_seconds(w.pid) - cpu0[w.pid] for w in cluster.workers}
             other_cpu = {k: cpu_seconds(p) - others0[k] for k, p in others.items()}
             db_cpu, commits = database_figures(database)
@@ -304,6 +313,13 @@ def main() -> int:
         f"seaweedfs {other_cpu['seaweedfs'] * 1000 / per:.1f}, "
         f"postgres backends {(db_cpu - db_cpu0) * 1000 / per:.1f} "
         f"(workers' total {sum(cpu.values()):.1f} s over {seconds:.1f} s)"
+    )
+    ours = sum(cpu.values()) + sandbox_cpu + sum(other_cpu.values()) + db_cpu - db_cpu0
+    busy, idle = busy1 - busy0, idle1 - idle0
+    print(
+        f"machine: {100 * busy / (busy + idle):.0f}% busy while the run went on, "
+        f"{100 * ours / (busy + idle):.0f}% of it in the processes above "
+        f"({ours * 1000 / per:.1f} ms CPU per image in all)"
     )
     print(
         f"per image: {sum(requests.values()) / per:.2f} API requests (CDN downloads "

@@ -80,6 +80,8 @@ ASSETS = cast(Table, AssetRow.__table__)
 OBJECTS = cast(Table, ObjectRow.__table__)
 RUNS = cast(Table, RunRow.__table__)
 MANIFESTS = cast(Table, ManifestRow.__table__)
+LEASES = cast(Table, LeaseRow.__table__)
+CURSORS = cast(Table, CursorRow.__table__)
 CHUNK = 1000  # ids per IN (...) list, well below every driver's limit on parameters
 
 
@@ -400,8 +402,8 @@ _ACCEPT_JOB = (
         accepted_at=bindparam("v_at"),
         remote_created_at=bindparam("v_created"),
     )
-    .returning(JOBS.c.node_id)
 )
+_JOB_NODES = select(JOBS.c.id, JOBS.c.node_id).where(_ids(JOBS.c.id))
 _COLLECT_NODES = (
     select(
         NODES.c.id,
@@ -453,6 +455,25 @@ _DESCRIBE_ASSETS = (
     )
 )
 _OBJECT_OWNERS = select(NODES.c.id, NODES.c.item_id, NODES.c.final).where(_ids(NODES.c.id))
+_TAKE_LEASE = (
+    update(LEASES)
+    .where(
+        LEASES.c.name == bindparam("lease"),
+        or_(
+            LEASES.c.holder == bindparam("v_holder"),
+            LEASES.c.expires_at.is_(None),
+            LEASES.c.expires_at < bindparam("now", type_=UTCDateTime),
+        ),
+    )
+    .values(holder=bindparam("v_holder"), expires_at=bindparam("v_until", type_=UTCDateTime))
+)
+_LEASE_EXISTS = select(LEASES.c.name).where(LEASES.c.name == bindparam("lease"))
+_CURSOR = select(CURSORS.c.value).where(CURSORS.c.name == bindparam("cursor"))
+_SET_CURSOR = (
+    update(CURSORS)
+    .where(CURSORS.c.name == bindparam("cursor"))
+    .values(value=bindparam("v_value"), updated_at=bindparam("now", type_=UTCDateTime))
+)
 _OBJECTS_OF = select(OBJECTS.c.node_id, OBJECTS.c.output_index).where(_ids(OBJECTS.c.node_id))
 
 
@@ -918,63 +939,46 @@ class Repository:
         """Take or renew the named lease; True if `holder` now holds it."""
         now = self.now()
         until = now + timedelta(seconds=ttl)
-        with self._tx() as s:
-            taken = s.execute(
-                update(LeaseRow)
-                .where(
-                    LeaseRow.name == name,
-                    or_(
-                        LeaseRow.holder == holder,
-                        LeaseRow.expires_at.is_(None),
-                        LeaseRow.expires_at < now,
-                    ),
-                )
-                .values(holder=holder, expires_at=until)
-            ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
-            if taken:
+        params = {"lease": name, "v_holder": holder, "now": now, "v_until": until}
+        with self._core() as conn:
+            if conn.execute(_TAKE_LEASE, params).rowcount:
                 return True
-            if s.get(LeaseRow, name) is not None:
+            if conn.execute(_LEASE_EXISTS, params).first() is not None:
                 return False
         try:
-            with self._tx() as s:
-                s.add(LeaseRow(name=name, holder=holder, expires_at=until))
+            with self._core() as conn:
+                conn.execute(insert(LEASES).values(name=name, holder=holder, expires_at=until))
             return True
         except IntegrityError:
             return False
 
     def release_lease(self, name: str, holder: str) -> None:
-        with self._tx() as s:
-            s.execute(
-                update(LeaseRow)
-                .where(LeaseRow.name == name, LeaseRow.holder == holder)
+        with self._core() as conn:
+            conn.execute(
+                update(LEASES)
+                .where(LEASES.c.name == name, LEASES.c.holder == holder)
                 .values(holder=None, expires_at=None)
             )
 
     def get_cursor(self, name: str) -> str | None:
-        with self._tx() as s:
-            row = s.get(CursorRow, name)
-            return row.value if row else None
+        with self._core() as conn:
+            value = conn.execute(_CURSOR, {"cursor": name}).scalar_one_or_none()
+        return str(value) if value is not None else None
 
     def set_cursor(self, name: str, value: str) -> None:
         """Set a named value; safe when several threads or workers set it at once."""
-        with self._tx() as s:
-            changed = s.execute(
-                update(CursorRow)
-                .where(CursorRow.name == name)
-                .values(value=value, updated_at=self.now())
-            ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
-        if changed:
-            return
+        params = {"cursor": name, "v_value": value, "now": self.now()}
+        with self._core() as conn:
+            if conn.execute(_SET_CURSOR, params).rowcount:
+                return
         try:
-            with self._tx() as s:
-                s.add(CursorRow(name=name, value=value, updated_at=self.now()))
-        except IntegrityError:  # another writer created it first: overwrite theirs
-            with self._tx() as s:
-                s.execute(
-                    update(CursorRow)
-                    .where(CursorRow.name == name)
-                    .values(value=value, updated_at=self.now())
+            with self._core() as conn:
+                conn.execute(
+                    insert(CURSORS).values(name=name, value=value, updated_at=params["now"])
                 )
+        except IntegrityError:  # another writer created it first: overwrite theirs
+            with self._core() as conn:
+                conn.execute(_SET_CURSOR, params)
 
     # -- node transitions -----------------------------------------------------------------
 
@@ -1160,20 +1164,30 @@ class Repository:
 
     def slots_by_pool(self) -> dict[str, int]:
         """Nodes holding a parallel-job slot, per pool (one query)."""
-        pool = case((NodeRow.endpoint == "custom", "custom"), else_="inference")
-        with self._tx() as s:
+        pool = case((NODES.c.endpoint == "custom", "custom"), else_="inference")
+        with self._core() as s:
             rows = s.execute(
                 select(pool, func.count())
-                .where(NodeRow.state.in_([NodeState.SUBMITTING, NodeState.RUNNING]))
+                .where(NODES.c.state.in_([NodeState.SUBMITTING, NodeState.RUNNING]))
                 .group_by(pool)
             ).all()
         return {str(name): int(count) for name, count in rows}
 
-    def waiting_in_pool(self, pool: str) -> bool:
-        """Whether pending nodes of the pool wait for a slot."""
-        with self._tx() as s:
-            query = select(NodeRow.id).where(NodeRow.state == NodeState.PENDING, *_in_pool(pool))
-            return s.execute(query.limit(1)).first() is not None
+    def pool_demand(self, pool: str) -> tuple[int, bool]:
+        """Nodes of the pool holding a slot, and whether pending ones wait for one."""
+        with self._core() as conn:
+            busy = [NodeState.SUBMITTING, NodeState.RUNNING]
+            in_use = conn.execute(
+                select(func.count())
+                .select_from(NODES)
+                .where(NODES.c.state.in_(busy), *_in_pool(pool))
+            ).scalar_one()
+            waiting = conn.execute(
+                select(NODES.c.id)
+                .where(NODES.c.state == NodeState.PENDING, *_in_pool(pool))
+                .limit(1)
+            ).first()
+        return int(in_use), waiting is not None
 
     def _count_in_pool(self, states: list[NodeState], pool: str | None) -> int:
         with self._tx() as s:
@@ -1187,33 +1201,31 @@ class Repository:
         now = self.now()
         change = nodes.decide(Facts(NodeState.PENDING), nodes.Dispatch(), now, self.policy)
         assert change is not None
-        with self._tx() as s:
+        with self._core() as s:
             rows = s.execute(
-                select(NodeRow.id, NodeRow.item_id)
+                select(NODES.c.id, NODES.c.item_id)
                 .where(
-                    NodeRow.state == NodeState.PENDING,
-                    or_(NodeRow.due_at.is_(None), NodeRow.due_at <= now),
+                    NODES.c.state == NodeState.PENDING,
+                    or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
                     *_in_pool(pool),
                 )
-                .order_by(NodeRow.due_at, NodeRow.id)
+                .order_by(NODES.c.due_at, NODES.c.id)
                 .limit(limit)
             ).all()
             ids = [node_id for node_id, _ in rows]
             if ids:
                 s.execute(
-                    update(NodeRow)
-                    .where(NodeRow.id.in_(ids), NodeRow.state == NodeState.PENDING)
+                    update(NODES)
+                    .where(NODES.c.id.in_(ids), NODES.c.state == NodeState.PENDING)
                     .values(**_values(change), updated_at=now)
-                    .execution_options(synchronize_session=False)
                 )
                 s.execute(
-                    update(ItemRow)
+                    update(ITEMS)
                     .where(
-                        ItemRow.id.in_({item_id for _, item_id in rows}),
-                        ItemRow.status == ItemStatus.PENDING,
+                        ITEMS.c.id.in_({item_id for _, item_id in rows}),
+                        ITEMS.c.status == ItemStatus.PENDING,
                     )
                     .values(status=ItemStatus.RUNNING, updated_at=now)
-                    .execution_options(synchronize_session=False)
                 )
         return ids
 
@@ -1231,13 +1243,13 @@ class Repository:
     def collect_now(self) -> None:
         """Make every collecting node that waits for company due now."""
         now = self.now()
-        with self._tx() as s:
+        with self._core() as s:
             s.execute(
-                update(NodeRow)
+                update(NODES)
                 .where(
-                    NodeRow.state == NodeState.COLLECTING,
-                    NodeRow.claimed_until.is_(None),
-                    NodeRow.due_at > now,
+                    NODES.c.state == NodeState.COLLECTING,
+                    NODES.c.claimed_until.is_(None),
+                    NODES.c.due_at > now,
                 )
                 .values(due_at=now)
             )
@@ -1269,16 +1281,16 @@ class Repository:
         on when we happened to look: a duration inflated by our polling would push the
         next first poll later, and the one after later still.
         """
-        with self._tx() as s:
+        with self._core() as s:
             rows = s.execute(
-                select(JobRow.remote_created_at, JobRow.remote_updated_at)
+                select(JOBS.c.remote_created_at, JOBS.c.remote_updated_at)
                 .where(
-                    JobRow.model == model,
-                    JobRow.status == JobStatus.SUCCESS,
-                    JobRow.remote_created_at.is_not(None),
-                    JobRow.remote_updated_at.is_not(None),
+                    JOBS.c.model == model,
+                    JOBS.c.status == JobStatus.SUCCESS,
+                    JOBS.c.remote_created_at.is_not(None),
+                    JOBS.c.remote_updated_at.is_not(None),
                 )
-                .order_by(JobRow.id.desc())
+                .order_by(JOBS.c.id.desc())
                 .limit(sample)
             ).all()
         durations = sorted((f - a).total_seconds() for a, f in rows if a and f)
@@ -1396,21 +1408,21 @@ class Repository:
         return finished
 
     def running_run_ids(self) -> list[str]:
-        with self._tx() as s:
+        with self._core() as s:
             return list(
-                s.execute(select(RunRow.id).where(RunRow.status == RunStatus.RUNNING)).scalars()
+                s.execute(select(RUNS.c.id).where(RUNS.c.status == RunStatus.RUNNING)).scalars()
             )
 
     def overdue_runs(self) -> list[str]:
         """Running runs whose deadline has passed."""
         now = self.now()
-        with self._tx() as s:
+        with self._core() as s:
             return list(
                 s.execute(
-                    select(RunRow.id).where(
-                        RunRow.status == RunStatus.RUNNING,
-                        RunRow.deadline_at.is_not(None),
-                        RunRow.deadline_at < now,
+                    select(RUNS.c.id).where(
+                        RUNS.c.status == RunStatus.RUNNING,
+                        RUNS.c.deadline_at.is_not(None),
+                        RUNS.c.deadline_at < now,
                     )
                 ).scalars()
             )
@@ -1478,15 +1490,15 @@ class Repository:
 
     def next_due(self) -> dict[NodeState, datetime]:
         """The earliest timer per state the sweeper acts on (pending, running, collecting)."""
-        with self._tx() as s:
+        with self._core() as s:
             rows = s.execute(
-                select(NodeRow.state, func.min(NodeRow.due_at))
+                select(NODES.c.state, func.min(NODES.c.due_at))
                 .where(
-                    NodeRow.state.in_([NodeState.PENDING, NodeState.RUNNING, NodeState.COLLECTING]),
-                    NodeRow.claimed_until.is_(None),
-                    NodeRow.due_at.is_not(None),
+                    NODES.c.state.in_([NodeState.PENDING, NodeState.RUNNING, NodeState.COLLECTING]),
+                    NODES.c.claimed_until.is_(None),
+                    NODES.c.due_at.is_not(None),
                 )
-                .group_by(NodeRow.state)
+                .group_by(NODES.c.state)
             ).all()
         return {NodeState(state): due for state, due in rows if due is not None}
 
@@ -1573,23 +1585,29 @@ class Repository:
                 )
         return known
 
-    def record_accepted(self, row_id: int, job: Job, cost: float | None, first_poll: float) -> None:
-        """The POST answered (or reconciliation found the job): the node is running."""
+    def record_accepted(self, accepted: Sequence[tuple[int, Job, float | None, float]]) -> None:
+        """POSTs answered (or reconciliation found their jobs): their nodes are running. Given
+        as (job row id, job, CU billed, seconds to the first poll); one transaction."""
         now = self.now()
         with self._core() as conn:
-            node_id = conn.execute(
+            node_of = dict(conn.execute(_JOB_NODES, {"ids": [row for row, *_ in accepted]}).all())
+            conn.execute(
                 _ACCEPT_JOB,
-                {
-                    "row": row_id,
-                    "v_job": job.id,
-                    "v_type": job.job_type or "custom",
-                    "v_status": JobStatus.PENDING if job.status.terminal else job.status,
-                    "v_cost": cost if cost is not None else job.cost,
-                    "v_at": now,
-                    "v_created": job.created_at,
-                },
-            ).scalar_one()
-            self._move(conn, [node_id], NodeState.SUBMITTING, nodes.Accepted(first_poll), now)
+                [
+                    {
+                        "row": row_id,
+                        "v_job": job.id,
+                        "v_type": job.job_type or "custom",
+                        "v_status": JobStatus.PENDING if job.status.terminal else job.status,
+                        "v_cost": cost if cost is not None else job.cost,
+                        "v_at": now,
+                        "v_created": job.created_at,
+                    }
+                    for row_id, job, cost, _ in accepted
+                ],
+            )
+            events = {node_of[row_id]: nodes.Accepted(first) for row_id, _, _, first in accepted}
+            self._apply(conn, events, now)
 
     def record_refused(self, row_id: int, event: nodes.Throttled | nodes.Refused) -> None:
         """The POST was refused: nothing was created or billed."""

@@ -47,6 +47,8 @@ LIST_INTERVAL_MIN = 0.1
 LIST_INTERVAL_MAX = 1.0
 SWEEP_MIN_SLEEP = 0.02
 RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
+FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed before its POST
+QUICK_POST = 0.05  # seconds: a POST answered this fast has its acceptance recorded with the next
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -146,6 +148,7 @@ def submit_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
     """
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
     results = dict.fromkeys(node_ids, "not-claimed")
+    batch = _Batch(claimed_at=time.monotonic())
     claimed = ctx.repo.claim(node_ids, owner, NodeState.SUBMITTING)
     if not claimed:
         return results
@@ -153,13 +156,15 @@ def submit_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
     works = ctx.repo.submit_works(claimed)
     fresh = [w.node_id for w in works if w.open_intent_id is None and w.attempts < w.max_attempts]
     intents = ctx.repo.record_intents(fresh, owner) if fresh else {}
-    batch = _Batch()
-    for work in works:
-        try:
-            results[work.node_id] = _submit(ctx, work, owner, intents.get(work.node_id), batch)
-        except TransientError as exc:
-            logger.warning("submit of node %s deferred: %s", work.node_id, exc)
-            results[work.node_id] = "deferred"
+    try:
+        for work in works:
+            try:
+                results[work.node_id] = _submit(ctx, work, owner, intents.get(work.node_id), batch)
+            except TransientError as exc:
+                logger.warning("submit of node %s deferred: %s", work.node_id, exc)
+                results[work.node_id] = "deferred"
+    finally:
+        batch.flush(ctx)  # whatever happens, what Scenario accepted is recorded if it can be
     _count_acceptances(ctx, batch.accepted)
     if batch.accepted:
         ctx.wake.set()
@@ -169,15 +174,37 @@ def submit_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
 @dataclass
 class _Batch:
     """What the nodes of one submit task share: model durations, read once; acceptances,
-    counted per pool."""
+    counted per pool, and recorded together when the POSTs are quick."""
 
+    claimed_at: float  # monotonic, taken before the claims were written
     durations: dict[str, float | None] = field(default_factory=dict)
     accepted: Counter[str] = field(default_factory=Counter)
+
+    unrecorded: list[tuple[int, Job, float | None, float]] = field(default_factory=list)
 
     def expected(self, ctx: Context, model: str) -> float | None:
         if model not in self.durations:
             self.durations[model] = ctx.repo.expected_duration(model)
         return self.durations[model]
+
+    def accept(
+        self, ctx: Context, row_id: int, model: str, job: Job, cost: float | None, quick: bool
+    ) -> None:
+        """A job Scenario accepted: recorded at once, or with the batch's next ones when its
+        POST was quick (those follow within moments, and one transaction records them all)."""
+        first_poll = next_poll_in(0.0, self.expected(ctx, model), 0, ctx.rng)
+        self.unrecorded.append((row_id, job, cost, first_poll))
+        if not quick:
+            self.flush(ctx)
+
+    def flush(self, ctx: Context) -> None:
+        if not self.unrecorded:
+            return
+        accepted, self.unrecorded = self.unrecorded, []
+        ctx.repo.record_accepted(accepted)
+        finished = [(row_id, job) for row_id, job, _, _ in accepted if job.status.terminal]
+        if finished:  # a reconciled job may have finished meanwhile
+            ctx.repo.apply_jobs(finished)
 
 
 def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batch: _Batch) -> str:
@@ -196,7 +223,7 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
             ctx.repo.fail_run(work.run_id, _auth_message(exc))
             return "auth-failed"
         if found is not None:
-            _record_accepted(ctx, work.open_intent_id, work.model, found, found.cost, batch)
+            batch.accept(ctx, work.open_intent_id, work.model, found, found.cost, quick=False)
             budget.settle(ctx.repo, work.run_id, 0.0, found.cost)
             logger.info("node %s: reconciled with existing job %s", node_id, found.id)
             return "reconciled"
@@ -218,11 +245,15 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
         # Our claim may have run out while we reconciled or waited for the governor, and
         # the sweeper may have handed the node to another worker that will POST itself.
         # Renewing it right before sending keeps the POST inside our claim (lease_seconds
-        # is checked to exceed the HTTP timeout several times over).
+        # is checked to exceed the HTTP timeout several times over). A claim taken a
+        # moment ago has nearly all its lease left: the batch's first POSTs skip the query.
+        if time.monotonic() - batch.claimed_at < ctx.tuning.lease_seconds * FRESH_CLAIM:
+            return
         if not ctx.repo.renew(node_id, owner, NodeState.SUBMITTING):
             raise _ClaimLost(node_id)
 
     sent_at = ctx.now().timestamp()
+    started = time.monotonic()
     try:
         with budget.held(ctx.repo, work.run_id, reserved):  # released unless accepted
             submission = ctx.client.generate(
@@ -258,7 +289,8 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
     except ApiPermanentError as exc:
         ctx.repo.record_refused(row_id, nodes.Refused(str(exc), exc.hint))
         return "rejected"
-    _record_accepted(ctx, row_id, work.model, submission.job, submission.creative_units, batch)
+    quick = time.monotonic() - started < QUICK_POST
+    batch.accept(ctx, row_id, work.model, submission.job, submission.creative_units, quick)
     found_cost = submission.job.cost
     billed = submission.creative_units
     budget.settle(ctx.repo, work.run_id, reserved, billed if billed is not None else found_cost)
@@ -270,7 +302,7 @@ def _count_acceptances(ctx: Context, accepted: Counter[str]) -> None:
     """Teach each pool's learned cap the batch's acceptances, one by one as
     `CapacityStore.accepted` would, with the slots in use and the waiting work read once."""
     for pool, count in accepted.items():
-        in_flight, waiting = ctx.repo.slots_in_use(pool), ctx.repo.waiting_in_pool(pool)
+        in_flight, waiting = ctx.repo.pool_demand(pool)
         cap = new = ctx.caps.get(pool)
         for _ in range(count):
             new = new.accepted(in_flight, waiting)
@@ -306,15 +338,6 @@ def _echoes(echoed: dict[str, Any], body: dict[str, Any]) -> bool:
     if not any(k in shared for k in ("prompt", "image")):
         return False
     return all(echoed[k] == body[k] for k in shared)
-
-
-def _record_accepted(
-    ctx: Context, row_id: int, model: str, job: Job, cost: float | None, batch: _Batch
-) -> None:
-    expected = batch.expected(ctx, model)
-    ctx.repo.record_accepted(row_id, job, cost, next_poll_in(0.0, expected, 0, ctx.rng))
-    if job.status.terminal:  # a reconciled job may have finished meanwhile
-        ctx.repo.apply_jobs([(row_id, job)])
 
 
 def _auth_message(exc: Exception) -> str:
