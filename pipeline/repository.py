@@ -280,6 +280,7 @@ def _set_nodes_statement(columns: tuple[str, ...]) -> Any:
 
 @functools.cache
 def _set_items_statement(columns: tuple[str, ...]) -> Any:
+    """Items that get the same values; binds `ids` and `v_<column>`."""
     return update(ITEMS).where(_ids(ITEMS.c.id)).values({c: bindparam(f"v_{c}") for c in columns})
 
 

@@ -143,8 +143,9 @@ def submit_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
     each (for logs and tests).
 
     The claims, the reads and the intents of the whole batch take one transaction each;
-    then each node is POSTed on its own, its claim renewed right before. A transient error
-    on one node (the database blinked) leaves it to its claim's expiry, not the others.
+    then each node is POSTed on its own, its claim renewed right before unless it was taken
+    a moment ago, and the acceptances of quick POSTs are recorded together. A transient
+    error on one node (the database blinked) leaves it to its claim's expiry, not the others.
     """
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
     results = dict.fromkeys(node_ids, "not-claimed")
@@ -179,7 +180,6 @@ class _Batch:
     claimed_at: float  # monotonic, taken before the claims were written
     durations: dict[str, float | None] = field(default_factory=dict)
     accepted: Counter[str] = field(default_factory=Counter)
-
     unrecorded: list[tuple[int, Job, float | None, float]] = field(default_factory=list)
 
     def expected(self, ctx: Context, model: str) -> float | None:
