@@ -17,7 +17,7 @@ budget marks the run (`budget_reached_at`): no submission is made after it, the 
 canceled and so are the run's pending nodes, with the reason "budget of N CU reached: M CU
 billed". Jobs already in flight finish and are stored.
 
-Only `stages.submit_node` calls in here (a few lines around the POST).
+Only `stages.submit_nodes` calls in here (a few lines around the POST).
 """
 
 from __future__ import annotations
@@ -191,8 +191,7 @@ def stop(repo: Repository, run_id: str, node_id: int, row_id: int, budget: float
                 )
             ).scalars()
         )
-    for other in [node_id, *pending]:
-        repo.transition(other, nodes.Cancel(reason))
+    repo.transition_many([node_id, *pending], nodes.Cancel(reason))
     return spent
 
 

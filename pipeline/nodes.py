@@ -60,6 +60,7 @@ class NodeState(enum.StrEnum):
 FINAL_STATES = frozenset({NodeState.SUCCEEDED, NodeState.FAILED, NodeState.CANCELED})
 UNFINISHED_STATES = frozenset(NodeState) - FINAL_STATES
 TASK_STATES = frozenset({NodeState.SUBMITTING, NodeState.COLLECTING})  # handed to tasks
+BUSY_STATES = frozenset({NodeState.SUBMITTING, NodeState.RUNNING, NodeState.COLLECTING})
 
 
 class Guard(enum.StrEnum):
@@ -226,6 +227,10 @@ class Fail:
     hint: str | None = None
 
 
+# Events whose change depends on nothing but the node's state (and the clock): the repository
+# may decide one of them once for many nodes in that state and persist it with one UPDATE.
+STATE_ONLY_EVENTS = (Dispatch, Claim, Renew, Accepted, Stored)
+
 Event = (
     Dispatch
     | Redispatch
@@ -371,6 +376,16 @@ def item_status(states: Iterable[NodeState]) -> str:
     if NodeState.CANCELED in seen:
         return "canceled"
     return "succeeded"
+
+
+def moves_item(before: NodeState, after: NodeState) -> bool:
+    """Whether a node going from `before` to `after` can change its item's status.
+
+    Not when it stays where it is or goes from one busy state to another: an item with a
+    busy node is running whatever its other nodes are (`item_status`), so the repository
+    need not derive it again for the hot transitions (accepted, succeeded into collecting).
+    """
+    return before != after and not (before in BUSY_STATES and after in BUSY_STATES)
 
 
 def apply(facts: Facts, change: Change) -> Facts:

@@ -14,15 +14,32 @@ Concurrency rules (they hold on SQLite and PostgreSQL alike):
 
 from __future__ import annotations
 
+import functools
 import random
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Table, and_, case, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,6 +61,7 @@ from pipeline.models import (
     ObjectRow,
     RunRow,
     RunStatus,
+    UTCDateTime,
     utcnow,
 )
 from pipeline.nodes import Change, Event, Facts, Guard, Inc, NodeState, Policy
@@ -52,7 +70,8 @@ from pipeline.scenario import Job, JobStatus
 T = TypeVar("T")
 
 ACTIVE_JOB_STATUSES = [s for s in JobStatus if not s.terminal]
-# Tables for Core bulk inserts (executemany; the ORM's bulk path prepares rows one by one).
+# Tables for Core statements: the hot paths read and write columns, not ORM objects (the
+# ORM costs more CPU than the database per row), and bulk inserts use executemany.
 ITEMS = cast(Table, ItemRow.__table__)
 NODES = cast(Table, NodeRow.__table__)
 ITEM_INPUTS = cast(Table, ItemInputRow.__table__)
@@ -81,6 +100,14 @@ FRESH_NODE_COLUMNS = (
     "output_template",
     "final",
 )
+JOBS = cast(Table, JobRow.__table__)
+ASSETS = cast(Table, AssetRow.__table__)
+OBJECTS = cast(Table, ObjectRow.__table__)
+RUNS = cast(Table, RunRow.__table__)
+MANIFESTS = cast(Table, ManifestRow.__table__)
+LEASES = cast(Table, LeaseRow.__table__)
+CURSORS = cast(Table, CursorRow.__table__)
+CHUNK = 1000  # ids per IN (...) list, well below every driver's limit on parameters
 
 
 @dataclass(frozen=True)
@@ -177,6 +204,25 @@ class StoredOutput:
 
 
 @dataclass(frozen=True)
+class NewObject:
+    """A stored output to record, with what is known of its Scenario asset."""
+
+    node_id: int
+    index: int
+    scenario_asset_id: str
+    mime_type: str | None
+    width: int | None
+    height: int | None
+    source_host: str | None
+    uri: str
+    key: str
+    sha256: str
+    size: int
+    content_type: str
+    public_url: str | None
+
+
+@dataclass(frozen=True)
 class KeyOwner:
     """Who wrote the newest object at a storage key."""
 
@@ -189,6 +235,272 @@ class KeyOwner:
 def new_run_id() -> str:
     """A sortable, unique run id: run_<utc timestamp>_<random>."""
     return "run_" + utcnow().strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:8]
+
+
+# -- statements of the hot paths --------------------------------------------------------------
+# Built once, with bound parameters: building a statement and hashing it for the compiled
+# cache costs more CPU than the database spends running it. `ids` are expanding IN lists.
+
+
+def _ids(column: Any) -> Any:
+    return column.in_(bindparam("ids", expanding=True))
+
+
+def _guard(guard: Guard) -> list[Any]:
+    """What else the row must satisfy (`nodes.Guard`); binds `now` and `owner`."""
+    now = bindparam("now", type_=UTCDateTime)
+    if guard == Guard.OWNER:
+        return [NODES.c.claim_owner == bindparam("owner"), NODES.c.claimed_until > now]
+    if guard == Guard.CLAIMABLE:
+        return [
+            NODES.c.claimed_until.is_not(None),
+            or_(NODES.c.claim_owner.is_(None), NODES.c.claimed_until < now),
+        ]
+    if guard == Guard.REDISPATCHABLE:
+        return [
+            or_(
+                and_(
+                    NODES.c.claimed_until.is_(None),
+                    or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
+                ),
+                NODES.c.claimed_until < now,
+            )
+        ]
+    return []
+
+
+Shape = tuple[tuple[str, int | None], ...]  # the columns a change sets; increments by value
+
+
+def _shape(values: Mapping[str, Any]) -> Shape:
+    return tuple(sorted((k, v.by if isinstance(v, Inc) else None) for k, v in values.items()))
+
+
+@functools.cache
+def _persist_statement(
+    from_state: NodeState, to_state: NodeState, guard: Guard, shape: Shape
+) -> Any:
+    """The conditional UPDATE of a change of this shape: binds `ids`, `now`, `owner` and
+    `v_<column>` for every column set to a value."""
+    values: dict[str, Any] = {"state": to_state, "updated_at": bindparam("now", type_=UTCDateTime)}
+    for name, by in shape:
+        values[name] = NODES.c[name] + by if by is not None else bindparam(f"v_{name}")
+    return (
+        update(NODES)
+        .where(_ids(NODES.c.id), NODES.c.state == from_state, *_guard(guard))
+        .values(values)
+        .returning(NODES.c.id, NODES.c.item_id)
+    )
+
+
+@functools.cache
+def _set_nodes_statement(columns: tuple[str, ...]) -> Any:
+    """Per-node values of a batch's change (executemany); binds `node` and `v_<column>`."""
+    return (
+        update(NODES)
+        .where(NODES.c.id == bindparam("node"))
+        .values({name: bindparam(f"v_{name}") for name in columns})
+    )
+
+
+@functools.cache
+def _set_items_statement(columns: tuple[str, ...]) -> Any:
+    """Items that get the same values; binds `ids` and `v_<column>`."""
+    return update(ITEMS).where(_ids(ITEMS.c.id)).values({c: bindparam(f"v_{c}") for c in columns})
+
+
+_FACTS = select(
+    NODES.c.id,
+    NODES.c.state,
+    NODES.c.attempts,
+    NODES.c.max_attempts,
+    NODES.c.tries,
+    NODES.c.output_template,
+    NODES.c.error,
+).where(_ids(NODES.c.id))
+_LOCK_ITEMS = (
+    select(ITEMS.c.id, ITEMS.c.status)
+    .where(_ids(ITEMS.c.id))
+    .order_by(ITEMS.c.id)
+    .with_for_update()
+)
+_NODES_OF_ITEMS = (
+    select(NODES.c.item_id, NODES.c.state, NODES.c.error, NODES.c.hint)
+    .where(_ids(NODES.c.item_id))
+    .order_by(NODES.c.id)
+)
+_SPAWNING = (
+    select(NODES.c.id, NODES.c.step, ITEMS.c.recipe)
+    .join(ITEMS, ITEMS.c.id == NODES.c.item_id)
+    .where(_ids(NODES.c.id))
+)
+_DUE_FOR_TASKS = select(NODES.c.id).where(
+    NODES.c.state == bindparam("state"), *_guard(Guard.REDISPATCHABLE)
+)
+_IN_FLIGHT = (
+    select(
+        JOBS.c.id,
+        JOBS.c.scenario_job_id,
+        JOBS.c.node_id,
+        JOBS.c.model,
+        JOBS.c.job_type,
+        JOBS.c.polls,
+        JOBS.c.accepted_at,
+        JOBS.c.intent_at,
+        JOBS.c.status,
+        NODES.c.due_at,
+        NODES.c.expected_outputs,
+    )
+    .join(NODES, JOBS.c.node_id == NODES.c.id)
+    .where(
+        JOBS.c.scenario_job_id.is_not(None),
+        JOBS.c.status.in_(ACTIVE_JOB_STATUSES),
+        NODES.c.state == NodeState.RUNNING,
+    )
+)
+_COUNT_POLLS = update(JOBS).where(_ids(JOBS.c.id)).values(polls=JOBS.c.polls + 1)
+_SET_POLL_DUE = (
+    update(NODES)
+    .where(NODES.c.id == bindparam("node"), NODES.c.state == NodeState.RUNNING)
+    .values(due_at=bindparam("v_due"), updated_at=bindparam("now", type_=UTCDateTime))
+)
+_JOB_STATES = select(JOBS.c.id, JOBS.c.node_id, JOBS.c.status, JOBS.c.remote_updated_at).where(
+    _ids(JOBS.c.id)
+)
+_SET_JOBS = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("row"))
+    .values(
+        status=bindparam("v_status"),
+        progress=bindparam("v_progress"),
+        remote_updated_at=bindparam("v_updated"),
+        cost_cu=func.coalesce(bindparam("v_cost", type_=Float), JOBS.c.cost_cu),
+        finished_at=func.coalesce(bindparam("v_finished", type_=UTCDateTime), JOBS.c.finished_at),
+        error=func.coalesce(bindparam("v_error", type_=Text), JOBS.c.error),
+        hint=func.coalesce(bindparam("v_hint", type_=Text), JOBS.c.hint),
+    )
+)
+_FINISHED_NODES = select(
+    NODES.c.id, NODES.c.expected_outputs, NODES.c.output_template, NODES.c.input_asset
+).where(_ids(NODES.c.id))
+_ASSET_IDS = select(ASSETS.c.scenario_asset_id, ASSETS.c.id).where(_ids(ASSETS.c.scenario_asset_id))
+_ADD_ASSETS = insert(ASSETS).returning(
+    ASSETS.c.scenario_asset_id, ASSETS.c.id, sort_by_parameter_order=True
+)
+_SUBMIT_NODES = select(
+    NODES.c.id,
+    NODES.c.run_id,
+    NODES.c.model,
+    NODES.c.endpoint,
+    NODES.c.body,
+    NODES.c.attempts,
+    NODES.c.max_attempts,
+).where(_ids(NODES.c.id))
+_OPEN_INTENTS = (
+    select(JOBS.c.id, JOBS.c.node_id, JOBS.c.intent_at)
+    .where(_ids(JOBS.c.node_id), JOBS.c.scenario_job_id.is_(None), JOBS.c.finished_at.is_(None))
+    .order_by(JOBS.c.id)
+)
+_COUNT_ATTEMPTS = (
+    update(NODES)
+    .where(
+        _ids(NODES.c.id),
+        NODES.c.state == NodeState.SUBMITTING,
+        NODES.c.claim_owner == bindparam("owner"),
+    )
+    .values(attempts=NODES.c.attempts + 1, updated_at=bindparam("now", type_=UTCDateTime))
+    .returning(NODES.c.id, NODES.c.model)
+)
+_LAST_ATTEMPTS = (
+    select(JOBS.c.node_id, func.max(JOBS.c.attempt))
+    .where(_ids(JOBS.c.node_id))
+    .group_by(JOBS.c.node_id)
+)
+_ADD_INTENTS = insert(JOBS).returning(JOBS.c.node_id, JOBS.c.id, sort_by_parameter_order=True)
+_ACCEPT_JOB = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("row"))
+    .values(
+        scenario_job_id=bindparam("v_job"),
+        job_type=bindparam("v_type"),
+        status=bindparam("v_status"),
+        cost_cu=bindparam("v_cost"),
+        accepted_at=bindparam("v_at"),
+        remote_created_at=bindparam("v_created"),
+    )
+)
+_JOB_NODES = select(JOBS.c.id, JOBS.c.node_id).where(_ids(JOBS.c.id))
+_COLLECT_NODES = (
+    select(
+        NODES.c.id,
+        NODES.c.run_id,
+        NODES.c.model,
+        NODES.c.step,
+        NODES.c.branch,
+        NODES.c.expected_outputs,
+        NODES.c.final,
+        NODES.c.node_key,
+        NODES.c.input_asset,
+        NODES.c.output_template,
+        NODES.c.outputs,
+        NODES.c.reused_from_id,
+        ITEMS.c.manifest_item_id,
+        ITEMS.c.item_key,
+        ITEMS.c.seed,
+        ITEMS.c.trained_model,
+        ITEMS.c.recipe,
+        MANIFESTS.c.name.label("manifest_name"),
+    )
+    .join(ITEMS, NODES.c.item_id == ITEMS.c.id)
+    .join(RUNS, ITEMS.c.run_id == RUNS.c.id)
+    .join(MANIFESTS, RUNS.c.manifest_id == MANIFESTS.c.id)
+    .where(_ids(NODES.c.id))
+)
+_SUCCESSFUL_JOBS = (
+    select(JOBS.c.node_id, JOBS.c.scenario_job_id)
+    .where(_ids(JOBS.c.node_id), JOBS.c.status == JobStatus.SUCCESS)
+    .order_by(JOBS.c.id)
+)
+_STORED = select(OBJECTS.c.node_id, OBJECTS.c.output_index, OBJECTS.c.key, OBJECTS.c.sha256).where(
+    _ids(OBJECTS.c.node_id)
+)
+_COPIES = (
+    select(ASSETS.c.scenario_asset_id, OBJECTS.c.key, OBJECTS.c.sha256)
+    .join(ASSETS, OBJECTS.c.asset_id == ASSETS.c.id)
+    .where(_ids(ASSETS.c.scenario_asset_id))
+    .order_by(OBJECTS.c.id)
+)
+_DESCRIBE_ASSETS = (
+    update(ASSETS)
+    .where(ASSETS.c.id == bindparam("asset"))
+    .values(
+        mime_type=func.coalesce(bindparam("v_mime", type_=String), ASSETS.c.mime_type),
+        width=func.coalesce(bindparam("v_width", type_=Integer), ASSETS.c.width),
+        height=func.coalesce(bindparam("v_height", type_=Integer), ASSETS.c.height),
+        source_host=func.coalesce(bindparam("v_host", type_=String), ASSETS.c.source_host),
+    )
+)
+_OBJECT_OWNERS = select(NODES.c.id, NODES.c.item_id, NODES.c.final).where(_ids(NODES.c.id))
+_TAKE_LEASE = (
+    update(LEASES)
+    .where(
+        LEASES.c.name == bindparam("lease"),
+        or_(
+            LEASES.c.holder == bindparam("v_holder"),
+            LEASES.c.expires_at.is_(None),
+            LEASES.c.expires_at < bindparam("now", type_=UTCDateTime),
+        ),
+    )
+    .values(holder=bindparam("v_holder"), expires_at=bindparam("v_until", type_=UTCDateTime))
+)
+_LEASE_EXISTS = select(LEASES.c.name).where(LEASES.c.name == bindparam("lease"))
+_CURSOR = select(CURSORS.c.value).where(CURSORS.c.name == bindparam("cursor"))
+_SET_CURSOR = (
+    update(CURSORS)
+    .where(CURSORS.c.name == bindparam("cursor"))
+    .values(value=bindparam("v_value"), updated_at=bindparam("now", type_=UTCDateTime))
+)
+_OBJECTS_OF = select(OBJECTS.c.node_id, OBJECTS.c.output_index).where(_ids(OBJECTS.c.node_id))
 
 
 class Repository:
@@ -212,6 +524,13 @@ class Repository:
     def _tx(self) -> Iterator[Session]:
         with translate_errors(), self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def _core(self) -> Iterator[Connection]:
+        """A transaction on a plain connection, for the hot paths: they read and write
+        columns, and an ORM session would cost them more CPU than the database does."""
+        with translate_errors(), self.engine.begin() as conn:
+            yield conn
 
     def session(self) -> Any:
         """A read transaction for report builders (`pipeline.reports`)."""
@@ -648,130 +967,224 @@ class Repository:
         """Take or renew the named lease; True if `holder` now holds it."""
         now = self.now()
         until = now + timedelta(seconds=ttl)
-        with self._tx() as s:
-            taken = s.execute(
-                update(LeaseRow)
-                .where(
-                    LeaseRow.name == name,
-                    or_(
-                        LeaseRow.holder == holder,
-                        LeaseRow.expires_at.is_(None),
-                        LeaseRow.expires_at < now,
-                    ),
-                )
-                .values(holder=holder, expires_at=until)
-            ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
-            if taken:
+        params = {"lease": name, "v_holder": holder, "now": now, "v_until": until}
+        with self._core() as conn:
+            if conn.execute(_TAKE_LEASE, params).rowcount:
                 return True
-            if s.get(LeaseRow, name) is not None:
+            if conn.execute(_LEASE_EXISTS, params).first() is not None:
                 return False
         try:
-            with self._tx() as s:
-                s.add(LeaseRow(name=name, holder=holder, expires_at=until))
+            with self._core() as conn:
+                conn.execute(insert(LEASES).values(name=name, holder=holder, expires_at=until))
             return True
         except IntegrityError:
             return False
 
     def release_lease(self, name: str, holder: str) -> None:
-        with self._tx() as s:
-            s.execute(
-                update(LeaseRow)
-                .where(LeaseRow.name == name, LeaseRow.holder == holder)
+        with self._core() as conn:
+            conn.execute(
+                update(LEASES)
+                .where(LEASES.c.name == name, LEASES.c.holder == holder)
                 .values(holder=None, expires_at=None)
             )
 
     def get_cursor(self, name: str) -> str | None:
-        with self._tx() as s:
-            row = s.get(CursorRow, name)
-            return row.value if row else None
+        with self._core() as conn:
+            value = conn.execute(_CURSOR, {"cursor": name}).scalar_one_or_none()
+        return str(value) if value is not None else None
 
     def set_cursor(self, name: str, value: str) -> None:
         """Set a named value; safe when several threads or workers set it at once."""
-        with self._tx() as s:
-            changed = s.execute(
-                update(CursorRow)
-                .where(CursorRow.name == name)
-                .values(value=value, updated_at=self.now())
-            ).rowcount  # type: ignore[attr-defined]  # CursorResult for DML
-        if changed:
-            return
+        params = {"cursor": name, "v_value": value, "now": self.now()}
+        with self._core() as conn:
+            if conn.execute(_SET_CURSOR, params).rowcount:
+                return
         try:
-            with self._tx() as s:
-                s.add(CursorRow(name=name, value=value, updated_at=self.now()))
-        except IntegrityError:  # another writer created it first: overwrite theirs
-            with self._tx() as s:
-                s.execute(
-                    update(CursorRow)
-                    .where(CursorRow.name == name)
-                    .values(value=value, updated_at=self.now())
+            with self._core() as conn:
+                conn.execute(
+                    insert(CURSORS).values(name=name, value=value, updated_at=params["now"])
                 )
+        except IntegrityError:  # another writer created it first: overwrite theirs
+            with self._core() as conn:
+                conn.execute(_SET_CURSOR, params)
 
     # -- node transitions -----------------------------------------------------------------
 
     def transition(self, node_id: int, event: Event) -> bool:
         """Apply one event to one node; False if it did not apply or another writer won."""
-        now = self.now()
-        with self._tx() as s:
-            node = s.get(NodeRow, node_id)
-            if node is None:
-                return False
-            return self._apply(s, node, event, now)
+        return node_id in self.transition_many([node_id], event)
 
-    def _apply(self, s: Session, node: NodeRow, event: Event, now: datetime) -> bool:
-        facts = _facts(node)
-        change = nodes.decide(facts, event, now, self.policy, self.rng)
-        if change is None:
-            return False
-        if not self._persist(s, node, facts.state, change, now):
-            return False
-        if change.spawn or change.state != facts.state:
-            s.refresh(node)
-            if change.spawn:
-                item = s.get(ItemRow, node.item_id)
-                assert item is not None
-                self._spawn(s, item, node, now)
-            self._refresh_item(s, node.item_id, now)
-        return True
+    def transition_many(self, node_ids: Iterable[int], event: Event) -> set[int]:
+        """Apply one event to each of many nodes, in one transaction; the nodes it moved."""
+        with self._core() as conn:
+            return set(self._apply(conn, dict.fromkeys(node_ids, event), self.now()))
+
+    def claim(self, node_ids: Sequence[int], owner: str, state: NodeState) -> list[int]:
+        """A task takes the nodes it was handed that are still in `state`; those it got."""
+        with self._core() as conn:
+            return self._move(conn, node_ids, state, nodes.Claim(owner), self.now())
+
+    def renew(self, node_id: int, owner: str, state: NodeState) -> bool:
+        """Extend our claim on a node still in `state`; False if it is no longer ours."""
+        with self._core() as conn:
+            return bool(self._move(conn, [node_id], state, nodes.Renew(owner), self.now()))
+
+    def _apply(
+        self, conn: Connection, events: Mapping[int, Event], now: datetime
+    ) -> dict[int, NodeState]:
+        """Decide and persist one event per node; the new state of each node it moved.
+
+        Nodes whose changes set the same columns from the same state share one conditional
+        UPDATE (what differs between them, such as a job's outputs, follows in one
+        executemany), so a batch costs a few statements whatever its size; a node another
+        writer moved since its facts were read is left out by the UPDATE's guard.
+        """
+        groups: dict[tuple[Any, ...], list[tuple[int, Change]]] = {}
+        for chunk in _chunks(sorted(events), CHUNK):
+            for row in conn.execute(_FACTS, {"ids": list(chunk)}):
+                facts = Facts(
+                    state=row.state,
+                    attempts=row.attempts,
+                    max_attempts=row.max_attempts,
+                    tries=row.tries,
+                    stores_outputs=row.output_template is not None,
+                    error=row.error,
+                )
+                change = nodes.decide(facts, events[row.id], now, self.policy, self.rng)
+                if change is not None:
+                    key = (facts.state, change.state, change.guard, change.owner, change.spawn)
+                    groups.setdefault((*key, _shape(change.values)), []).append((row.id, change))
+        moved: dict[int, NodeState] = {}
+        spawning: list[int] = []
+        items: set[int] = set()
+        for (state, *_), members in groups.items():
+            change = members[0][1]
+            for node_id, item_id in self._persist_group(conn, state, members, now):
+                moved[node_id] = change.state
+                if change.spawn:
+                    spawning.append(node_id)
+                if change.spawn or nodes.moves_item(state, change.state):
+                    items.add(item_id)
+        self._spawn_children(conn, spawning, now)
+        self._refresh_items(conn, items, now)
+        return moved
+
+    def _persist_group(
+        self,
+        conn: Connection,
+        from_state: NodeState,
+        members: Sequence[tuple[int, Change]],
+        now: datetime,
+    ) -> list[tuple[int, int]]:
+        """Persist changes that set the same columns: the values they share with the guarded
+        UPDATE, then the values each node has of its own, for the nodes it moved."""
+        first = members[0][1]
+        shared = {
+            name: value
+            for name, value in first.values.items()
+            if all(change.values[name] == value for _, change in members)
+        }
+        moved = self._persist(
+            conn, [n for n, _ in members], from_state, replace(first, values=shared), now
+        )
+        own = tuple(sorted(set(first.values) - set(shared)))
+        if own and moved:
+            changes = dict(members)
+            conn.execute(
+                _set_nodes_statement(own),
+                [
+                    {"node": node_id} | {f"v_{name}": changes[node_id].values[name] for name in own}
+                    for node_id, _ in moved
+                ],
+            )
+        return moved
+
+    def _move(
+        self,
+        conn: Connection,
+        node_ids: Sequence[int],
+        state: NodeState,
+        event: Event,
+        now: datetime,
+    ) -> list[int]:
+        """Apply an event whose change depends on the state alone (`STATE_ONLY_EVENTS`) to
+        nodes in `state`: decided once, persisted with one UPDATE; the nodes it moved."""
+        assert isinstance(event, nodes.STATE_ONLY_EVENTS)
+        change = nodes.decide(Facts(state), event, now, self.policy, self.rng)
+        if change is None or not node_ids:
+            return []
+        moved = self._persist(conn, node_ids, state, change, now)
+        if nodes.moves_item(state, change.state):
+            self._refresh_items(conn, {item_id for _, item_id in moved}, now)
+        return [node_id for node_id, _ in moved]
 
     def _persist(
-        self, s: Session, node: NodeRow, from_state: NodeState, change: Change, now: datetime
-    ) -> bool:
-        """One conditional UPDATE: the row must still be as the decision saw it."""
-        conditions = [NodeRow.id == node.id, NodeRow.state == from_state, *_guard(change, now)]
-        values = _values(change) | {"updated_at": now}
-        result = s.execute(
-            update(NodeRow)
-            .where(*conditions)
-            .values(**values)
-            .execution_options(synchronize_session=False)
+        self,
+        conn: Connection,
+        node_ids: Sequence[int],
+        from_state: NodeState,
+        change: Change,
+        now: datetime,
+    ) -> list[tuple[int, int]]:
+        """Conditional UPDATEs: each row must still be as the decision saw it. The (node id,
+        item id) of every row changed."""
+        statement = _persist_statement(
+            from_state, change.state, change.guard, _shape(change.values)
         )
-        return bool(result.rowcount)  # type: ignore[attr-defined]  # CursorResult for DML
+        params: dict[str, Any] = {"now": now}
+        if change.guard == Guard.OWNER:
+            params["owner"] = change.owner
+        for name, value in change.values.items():
+            if not isinstance(value, Inc):
+                params[f"v_{name}"] = value
+        moved: list[tuple[int, int]] = []
+        for chunk in _chunks(sorted(node_ids), CHUNK):
+            result = conn.execute(statement, params | {"ids": list(chunk)})
+            moved += [(node_id, item_id) for node_id, item_id in result]
+        return moved
+
+    def _spawn_children(self, conn: Connection, node_ids: Sequence[int], now: datetime) -> None:
+        """The recipe's next step on the outputs of nodes that just succeeded (`_spawn`)."""
+        for chunk in _chunks(node_ids, CHUNK):
+            spawning = [
+                node_id
+                for node_id, step, recipe in conn.execute(_SPAWNING, {"ids": list(chunk)})
+                if step < len(recipe.get("steps", []))  # else the recipe's last step
+            ]
+            if not spawning:
+                continue
+            with Session(bind=conn) as s:  # in this transaction (the nodes go in as objects)
+                for node_id in spawning:
+                    node = s.get(NodeRow, node_id)
+                    assert node is not None
+                    item = s.get(ItemRow, node.item_id)
+                    assert item is not None
+                    self._spawn(s, item, node, now)
 
     def _refresh_item(self, s: Session, item_id: int, now: datetime) -> None:
         """Derive an item's status from its nodes' states."""
-        item = s.get(ItemRow, item_id)
-        if item is None or item.status == ItemStatus.SKIPPED:
-            return
-        rows = s.execute(
-            select(NodeRow.state, NodeRow.error, NodeRow.hint)
-            .where(NodeRow.item_id == item_id)
-            .order_by(NodeRow.id)
-        ).all()
-        status = ItemStatus(nodes.item_status(state for state, _, _ in rows))
-        if status == item.status:
-            return
-        item.status = status
-        item.updated_at = now
-        if status.final:
-            item.finished_at = now
-            failed = [(e, h) for state, e, h in rows if state != NodeState.SUCCEEDED and e]
-            item.error, item.hint = failed[0] if failed else (None, None)
-        else:
-            item.finished_at = None
+        self._refresh_items(s.connection(), [item_id], now)
 
-    def running_in_pool(self, pool: str) -> int:
-        """Nodes whose job the API accepted and we have not yet seen finish."""
-        return self._count_in_pool([NodeState.RUNNING], pool)
+    def _refresh_items(self, conn: Connection, item_ids: Iterable[int], now: datetime) -> None:
+        """Derive items' statuses from their nodes' states, in a few statements.
+
+        The item rows are locked before their nodes are read (on PostgreSQL; SQLite has one
+        writer at a time): two transactions finishing sibling nodes at once cannot each see
+        the other's node unfinished and leave their item running for good.
+        """
+        for chunk in _chunks(sorted(set(item_ids)), CHUNK):
+            current = conn.execute(_LOCK_ITEMS, {"ids": list(chunk)}).all()
+            found: dict[int, list[tuple[NodeState, str | None, str | None]]] = {}
+            for item_id, state, error, hint in conn.execute(_NODES_OF_ITEMS, {"ids": list(chunk)}):
+                found.setdefault(item_id, []).append((state, error, hint))
+            changes: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+            for item_id, status in current:
+                values = _item_values(status, found.get(item_id, []), now)
+                if values:
+                    changes.setdefault(tuple(sorted(values.items())), []).append(item_id)
+            for columns, ids in changes.items():
+                statement = _set_items_statement(tuple(name for name, _ in columns))
+                conn.execute(statement, {f"v_{k}": v for k, v in columns} | {"ids": ids})
 
     def sent_in_pool(self, pool: str) -> int:
         """Running nodes plus those whose POST is out (an intent written, no answer
@@ -795,25 +1208,30 @@ class Repository:
 
     def slots_by_pool(self) -> dict[str, int]:
         """Nodes holding a parallel-job slot, per pool (one query)."""
-        pool = case((NodeRow.endpoint == "custom", "custom"), else_="inference")
-        with self._tx() as s:
+        pool = case((NODES.c.endpoint == "custom", "custom"), else_="inference")
+        with self._core() as s:
             rows = s.execute(
                 select(pool, func.count())
-                .where(NodeRow.state.in_([NodeState.SUBMITTING, NodeState.RUNNING]))
+                .where(NODES.c.state.in_([NodeState.SUBMITTING, NodeState.RUNNING]))
                 .group_by(pool)
             ).all()
         return {str(name): int(count) for name, count in rows}
 
-    def waiting_in_pool(self, pool: str) -> bool:
-        """Whether pending nodes of the pool wait for a slot."""
-        with self._tx() as s:
-            query = select(NodeRow.id).where(NodeRow.state == NodeState.PENDING, *_in_pool(pool))
-            return s.execute(query.limit(1)).first() is not None
-
-    def _count_in_pool(self, states: list[NodeState], pool: str | None) -> int:
-        with self._tx() as s:
-            query = select(func.count()).select_from(NodeRow).where(NodeRow.state.in_(states))
-            return int(s.execute(query.where(*_in_pool(pool))).scalar_one())
+    def pool_demand(self, pool: str) -> tuple[int, bool]:
+        """Nodes of the pool whose job the API accepted and that we have not seen finish,
+        and whether pending ones wait for a slot."""
+        with self._core() as conn:
+            in_use = conn.execute(
+                select(func.count())
+                .select_from(NODES)
+                .where(NODES.c.state == NodeState.RUNNING, *_in_pool(pool))
+            ).scalar_one()
+            waiting = conn.execute(
+                select(NODES.c.id)
+                .where(NODES.c.state == NodeState.PENDING, *_in_pool(pool))
+                .limit(1)
+            ).first()
+        return int(in_use), waiting is not None
 
     def dispatch_pending(self, limit: int, pool: str | None = None) -> list[int]:
         """Hand up to `limit` due pending nodes (of one pool) to submit tasks; their ids."""
@@ -822,33 +1240,31 @@ class Repository:
         now = self.now()
         change = nodes.decide(Facts(NodeState.PENDING), nodes.Dispatch(), now, self.policy)
         assert change is not None
-        with self._tx() as s:
+        with self._core() as s:
             rows = s.execute(
-                select(NodeRow.id, NodeRow.item_id)
+                select(NODES.c.id, NODES.c.item_id)
                 .where(
-                    NodeRow.state == NodeState.PENDING,
-                    or_(NodeRow.due_at.is_(None), NodeRow.due_at <= now),
+                    NODES.c.state == NodeState.PENDING,
+                    or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
                     *_in_pool(pool),
                 )
-                .order_by(NodeRow.due_at, NodeRow.id)
+                .order_by(NODES.c.due_at, NODES.c.id)
                 .limit(limit)
             ).all()
             ids = [node_id for node_id, _ in rows]
             if ids:
                 s.execute(
-                    update(NodeRow)
-                    .where(NodeRow.id.in_(ids), NodeRow.state == NodeState.PENDING)
+                    update(NODES)
+                    .where(NODES.c.id.in_(ids), NODES.c.state == NodeState.PENDING)
                     .values(**_values(change), updated_at=now)
-                    .execution_options(synchronize_session=False)
                 )
                 s.execute(
-                    update(ItemRow)
+                    update(ITEMS)
                     .where(
-                        ItemRow.id.in_({item_id for _, item_id in rows}),
-                        ItemRow.status == ItemStatus.PENDING,
+                        ITEMS.c.id.in_({item_id for _, item_id in rows}),
+                        ITEMS.c.status == ItemStatus.PENDING,
                     )
                     .values(status=ItemStatus.RUNNING, updated_at=now)
-                    .execution_options(synchronize_session=False)
                 )
         return ids
 
@@ -858,17 +1274,10 @@ class Repository:
         A node handed out `policy.max_tries` times fails with its last real error.
         """
         now = self.now()
-        handed: list[int] = []
-        with self._tx() as s:
-            rows = s.execute(
-                select(NodeRow).where(NodeRow.state == state, *_guard_redispatchable(now))
-            ).scalars()
-            for node in list(rows):
-                if self._apply(s, node, nodes.Redispatch(), now):
-                    s.refresh(node)
-                    if node.state == state:
-                        handed.append(node.id)
-        return handed
+        with self._core() as conn:
+            due = conn.execute(_DUE_FOR_TASKS, {"state": state, "now": now}).scalars()
+            moved = self._apply(conn, dict.fromkeys(due, nodes.Redispatch()), now)
+        return sorted(node_id for node_id, new in moved.items() if new == state)
 
     def collecting_waiting(self) -> int:
         """Finished nodes waiting for company before their collect task is sent."""
@@ -885,36 +1294,28 @@ class Repository:
     def collect_now(self) -> None:
         """Make every collecting node that waits for company due now."""
         now = self.now()
-        with self._tx() as s:
-            s.execute(update(NodeRow).where(*_gathering(now)).values(due_at=now))
+        with self._core() as conn:
+            conn.execute(update(NODES).where(*_gathering(now)).values(due_at=now))
 
     def in_flight_jobs(self) -> list[InFlightJob]:
         """Every submitted job of a running node that has not reached a terminal status."""
-        with self._tx() as s:
-            rows = s.execute(
-                select(JobRow, NodeRow.due_at, NodeRow.expected_outputs)
-                .join(NodeRow, JobRow.node_id == NodeRow.id)
-                .where(
-                    JobRow.scenario_job_id.is_not(None),
-                    JobRow.status.in_(ACTIVE_JOB_STATUSES),
-                    NodeRow.state == NodeState.RUNNING,
-                )
-            ).all()
-            return [
-                InFlightJob(
-                    row_id=j.id,
-                    scenario_job_id=j.scenario_job_id or "",
-                    node_id=j.node_id,
-                    model=j.model,
-                    job_type=j.job_type or "custom",
-                    polls=j.polls,
-                    accepted_at=j.accepted_at or j.intent_at,
-                    due_at=due_at,
-                    expected_outputs=expected,
-                    status=j.status,
-                )
-                for j, due_at, expected in rows
-            ]
+        with self._core() as conn:
+            rows = conn.execute(_IN_FLIGHT).all()
+        return [
+            InFlightJob(
+                row_id=r.id,
+                scenario_job_id=r.scenario_job_id or "",
+                node_id=r.node_id,
+                model=r.model,
+                job_type=r.job_type or "custom",
+                polls=r.polls,
+                accepted_at=r.accepted_at or r.intent_at,
+                due_at=r.due_at,
+                expected_outputs=r.expected_outputs,
+                status=r.status,
+            )
+            for r in rows
+        ]
 
     def expected_duration(self, model: str, sample: int = 20) -> float | None:
         """Median seconds from creation to success of this model's recent jobs.
@@ -923,16 +1324,16 @@ class Repository:
         on when we happened to look: a duration inflated by our polling would push the
         next first poll later, and the one after later still.
         """
-        with self._tx() as s:
+        with self._core() as s:
             rows = s.execute(
-                select(JobRow.remote_created_at, JobRow.remote_updated_at)
+                select(JOBS.c.remote_created_at, JOBS.c.remote_updated_at)
                 .where(
-                    JobRow.model == model,
-                    JobRow.status == JobStatus.SUCCESS,
-                    JobRow.remote_created_at.is_not(None),
-                    JobRow.remote_updated_at.is_not(None),
+                    JOBS.c.model == model,
+                    JOBS.c.status == JobStatus.SUCCESS,
+                    JOBS.c.remote_created_at.is_not(None),
+                    JOBS.c.remote_updated_at.is_not(None),
                 )
-                .order_by(JobRow.id.desc())
+                .order_by(JOBS.c.id.desc())
                 .limit(sample)
             ).all()
         durations = sorted((f - a).total_seconds() for a, f in rows if a and f)
@@ -940,93 +1341,102 @@ class Repository:
 
     def schedule_polls(self, schedule: dict[tuple[int, int], datetime]) -> None:
         """Set the next look at running jobs: {(job row id, node id): when} (a poll counted)."""
-        with self._tx() as s:
+        if not schedule:
+            return
+        with self._core() as conn:
             now = self.now()
-            for (row_id, node_id), when in schedule.items():
-                s.execute(
-                    update(JobRow)
-                    .where(JobRow.id == row_id)
-                    .values(polls=JobRow.polls + 1)
-                    .execution_options(synchronize_session=False)
-                )
-                s.execute(
-                    update(NodeRow)
-                    .where(NodeRow.id == node_id, NodeRow.state == NodeState.RUNNING)
-                    .values(due_at=when, updated_at=now)
-                    .execution_options(synchronize_session=False)
-                )
+            for chunk in _chunks(sorted(row_id for row_id, _ in schedule), CHUNK):
+                conn.execute(_COUNT_POLLS, {"ids": list(chunk)})
+            conn.execute(
+                _SET_POLL_DUE,
+                [{"node": node, "v_due": when, "now": now} for (_, node), when in schedule.items()],
+            )
 
-    def apply_job(self, row_id: int, job: Job, *, collect_now: bool = False) -> NodeState | None:
-        """Record what Scenario says of a job; on a terminal status, move its node on.
+    def apply_jobs(
+        self, polled: Sequence[tuple[int, Job]], *, collect_now: bool = False
+    ) -> dict[int, NodeState]:
+        """Record what Scenario says of jobs, given as (job row id, job), in one transaction;
+        a terminal status moves the job's node on.
 
-        Returns the node's new state when it changed, else None.
+        Returns the new state of the node of each job row whose node moved, by job row id.
         """
         now = self.now()
-        with self._tx() as s:
-            row = s.get(JobRow, row_id)
-            if row is None or (row.status is not None and row.status.terminal):
-                return None
-            row.status = job.status
-            row.progress = job.progress
-            row.remote_updated_at = job.updated_at or row.remote_updated_at
-            if job.cost is not None:
-                row.cost_cu = job.cost
-            if not job.status.terminal:
-                return None
-            row.finished_at = now
-            node = s.get(NodeRow, row.node_id)
-            if node is None:
-                return None
-            event: Event
-            if job.status == JobStatus.SUCCESS:
-                ids = tuple(job.asset_ids)
-                if len(ids) > node.expected_outputs and node.output_template is not None:
-                    event = nodes.Fail(
-                        f"job {job.id} returned {len(ids)} outputs where {node.expected_outputs} "
-                        "were expected; their storage keys would collide"
-                    )
+        jobs = dict(polled)
+        with self._core() as conn:
+            live: dict[int, tuple[int, datetime | None]] = {}  # row id -> node id, updated
+            for chunk in _chunks(sorted(jobs), CHUNK):
+                for row_id, node_id, status, updated in conn.execute(
+                    _JOB_STATES, {"ids": list(chunk)}
+                ):
+                    if status is None or not status.terminal:
+                        live[row_id] = (node_id, updated)
+            if not live:
+                return {}
+            conn.execute(
+                _SET_JOBS,
+                [_job_values(row, jobs[row], updated, now) for row, (_, updated) in live.items()],
+            )
+            finished = {
+                node_id: row_id
+                for row_id, (node_id, _) in live.items()
+                if jobs[row_id].status.terminal
+            }
+            events = self._job_events(conn, jobs, finished, collect_now)
+            moved = self._apply(conn, events, now)
+        return {finished[node_id]: state for node_id, state in moved.items()}
+
+    def _job_events(
+        self, conn: Connection, jobs: dict[int, Job], finished: dict[int, int], collect_now: bool
+    ) -> dict[int, Event]:
+        """The event each finished job makes (by node id; `finished` maps node id -> job row
+        id), and asset rows for the outputs of the jobs that succeeded."""
+        events: dict[int, Event] = {}
+        made: list[tuple[int, str | None, tuple[str, ...]]] = []
+        for chunk in _chunks(sorted(finished), CHUNK):
+            for node_id, expected, template, input_asset in conn.execute(
+                _FINISHED_NODES, {"ids": list(chunk)}
+            ):
+                job = jobs[finished[node_id]]
+                if job.status == JobStatus.SUCCESS:
+                    ids = tuple(job.asset_ids)
+                    if len(ids) > expected and template is not None:
+                        events[node_id] = nodes.Fail(
+                            f"job {job.id} returned {len(ids)} outputs where {expected} were "
+                            "expected; their storage keys would collide"
+                        )
+                    else:
+                        made.append((finished[node_id], input_asset, ids))
+                        events[node_id] = nodes.Succeeded(ids, collect_now=collect_now)
+                elif job.status == JobStatus.CANCELED:
+                    events[node_id] = nodes.JobCanceled(job.error or f"job {job.id} was canceled")
                 else:
-                    self._record_output_assets(s, node, row, ids)
-                    event = nodes.Succeeded(ids, collect_now=collect_now)
-            elif job.status == JobStatus.CANCELED:
-                event = nodes.JobCanceled(job.error or f"job {job.id} was canceled")
-            else:
-                row.error = nodes.cut(job.error)
-                row.hint = nodes.cut(job.hint)
-                event = nodes.JobFailed(job.error or f"job {job.id} failed", job.hint)
-            before = node.state
-            if self._apply(s, node, event, now):
-                s.refresh(node)
-                return node.state if node.state != before else None
-            return None
+                    events[node_id] = nodes.JobFailed(job.error or f"job {job.id} failed", job.hint)
+        self._record_output_assets(conn, made)
+        return events
 
     def _record_output_assets(
-        self, s: Session, node: NodeRow, job: JobRow, asset_ids: Sequence[str]
+        self, conn: Connection, made: Sequence[tuple[int, str | None, tuple[str, ...]]]
     ) -> None:
-        """Asset rows for a job's outputs, each linked to the asset it was made from."""
-        parent_id = None
-        if node.input_asset:
-            parent_id = s.execute(
-                select(AssetRow.id).where(AssetRow.scenario_asset_id == node.input_asset)
-            ).scalar_one_or_none()
-        existing = set(
-            s.execute(
-                select(AssetRow.scenario_asset_id).where(
-                    AssetRow.scenario_asset_id.in_(list(asset_ids))
-                )
-            ).scalars()
-        )
-        for index, asset_id in enumerate(asset_ids):
-            if asset_id not in existing:
-                s.add(
-                    AssetRow(
-                        scenario_asset_id=asset_id,
-                        role=AssetRole.OUTPUT,
-                        job_id=job.id,
-                        output_index=index,
-                        parent_id=parent_id,
+        """Asset rows for jobs' outputs, given as (job row id, the asset the job ran on,
+        output asset ids); each is linked to the asset it was made from."""
+        parents = _asset_rows(conn, {parent for _, parent, _ in made if parent})
+        existing = _asset_rows(conn, {a for _, _, ids in made for a in ids})
+        rows = []
+        for job_id, parent, ids in made:
+            for index, asset_id in enumerate(ids):
+                if asset_id not in existing:
+                    existing[asset_id] = 0  # made below
+                    rows.append(
+                        {
+                            "scenario_asset_id": asset_id,
+                            "role": AssetRole.OUTPUT,
+                            "job_id": job_id,
+                            "output_index": index,
+                            "parent_id": parents.get(parent) if parent else None,
+                        }
                     )
-                )
+        if rows:
+            conn.execute(_ADD_ASSETS, rows)
 
     def refresh_runs(self) -> list[str]:
         """Derive the status of running runs from their items; return runs that finished."""
@@ -1041,21 +1451,21 @@ class Repository:
         return finished
 
     def running_run_ids(self) -> list[str]:
-        with self._tx() as s:
+        with self._core() as s:
             return list(
-                s.execute(select(RunRow.id).where(RunRow.status == RunStatus.RUNNING)).scalars()
+                s.execute(select(RUNS.c.id).where(RUNS.c.status == RunStatus.RUNNING)).scalars()
             )
 
     def overdue_runs(self) -> list[str]:
         """Running runs whose deadline has passed."""
         now = self.now()
-        with self._tx() as s:
+        with self._core() as s:
             return list(
                 s.execute(
-                    select(RunRow.id).where(
-                        RunRow.status == RunStatus.RUNNING,
-                        RunRow.deadline_at.is_not(None),
-                        RunRow.deadline_at < now,
+                    select(RUNS.c.id).where(
+                        RUNS.c.status == RunStatus.RUNNING,
+                        RUNS.c.deadline_at.is_not(None),
+                        RUNS.c.deadline_at < now,
                     )
                 ).scalars()
             )
@@ -1075,80 +1485,93 @@ class Repository:
     def _end_run_nodes(self, run_id: str, event: nodes.Cancel | nodes.Fail) -> list[str]:
         now = self.now()
         remote: list[str] = []
-        with self._tx() as s:
-            unfinished = s.execute(
-                select(NodeRow).where(
-                    NodeRow.run_id == run_id, NodeRow.state.in_(list(nodes.UNFINISHED_STATES))
-                )
-            ).scalars()
-            for node in list(unfinished):
-                for job in s.execute(
-                    select(JobRow).where(
-                        JobRow.node_id == node.id,
-                        JobRow.scenario_job_id.is_not(None),
-                        JobRow.status.in_(ACTIVE_JOB_STATUSES),
+        with self._core() as conn:
+            unfinished = (
+                conn.execute(
+                    select(NODES.c.id).where(
+                        NODES.c.run_id == run_id,
+                        NODES.c.state.in_(list(nodes.UNFINISHED_STATES)),
                     )
-                ).scalars():
-                    remote.append(job.scenario_job_id or "")
-                    job.status = JobStatus.CANCELED
-                    job.finished_at = now
-                self._apply(s, node, event, now)
-            for item in s.execute(
-                select(ItemRow).where(
-                    ItemRow.run_id == run_id, ItemRow.status.not_in(list(FINAL_ITEM_STATUSES))
                 )
-            ).scalars():
-                # An item whose nodes were never created (or all finished) is settled here.
-                self._refresh_item(s, item.id, now)
-                if not item.status.final:
-                    failed = isinstance(event, nodes.Fail)
-                    item.status = ItemStatus.FAILED if failed else ItemStatus.CANCELED
-                    item.error = event.reason
-                    item.finished_at = now
+                .scalars()
+                .all()
+            )
+            for chunk in _chunks(unfinished, CHUNK):
+                jobs = conn.execute(
+                    select(JOBS.c.id, JOBS.c.scenario_job_id).where(
+                        JOBS.c.node_id.in_(chunk),
+                        JOBS.c.scenario_job_id.is_not(None),
+                        JOBS.c.status.in_(ACTIVE_JOB_STATUSES),
+                    )
+                ).all()
+                if jobs:
+                    conn.execute(
+                        update(JOBS)
+                        .where(JOBS.c.id.in_([row_id for row_id, _ in jobs]))
+                        .values(status=JobStatus.CANCELED, finished_at=now)
+                    )
+                    remote += [job_id or "" for _, job_id in jobs]
+            self._apply(conn, dict.fromkeys(unfinished, event), now)
+            # An item whose nodes were never created (or all finished) is settled here.
+            still_open = [ITEMS.c.run_id == run_id, ITEMS.c.status.not_in(FINAL_ITEM_STATUSES)]
+            open_items = conn.execute(select(ITEMS.c.id).where(*still_open)).scalars().all()
+            self._refresh_items(conn, open_items, now)
+            failed = isinstance(event, nodes.Fail)
+            conn.execute(
+                update(ITEMS)
+                .where(*still_open)
+                .values(
+                    status=ItemStatus.FAILED if failed else ItemStatus.CANCELED,
+                    error=event.reason,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
         return remote
 
     # -- submit ---------------------------------------------------------------------------
 
     def next_due(self) -> dict[NodeState, datetime]:
         """The earliest timer per state the sweeper acts on (pending, running, collecting)."""
-        with self._tx() as s:
+        with self._core() as s:
             rows = s.execute(
-                select(NodeRow.state, func.min(NodeRow.due_at))
+                select(NODES.c.state, func.min(NODES.c.due_at))
                 .where(
-                    NodeRow.state.in_([NodeState.PENDING, NodeState.RUNNING, NodeState.COLLECTING]),
-                    NodeRow.claimed_until.is_(None),
-                    NodeRow.due_at.is_not(None),
+                    NODES.c.state.in_([NodeState.PENDING, NodeState.RUNNING, NodeState.COLLECTING]),
+                    NODES.c.claimed_until.is_(None),
+                    NODES.c.due_at.is_not(None),
                 )
-                .group_by(NodeRow.state)
+                .group_by(NODES.c.state)
             ).all()
         return {NodeState(state): due for state, due in rows if due is not None}
 
-    def submit_work(self, node_id: int) -> SubmitWork | None:
-        with self._tx() as s:
-            node = s.get(NodeRow, node_id)
-            if node is None:
-                return None
-            intent = s.execute(
-                select(JobRow)
-                .where(
-                    JobRow.node_id == node_id,
-                    JobRow.scenario_job_id.is_(None),
-                    JobRow.finished_at.is_(None),
+    def submit_works(self, node_ids: Sequence[int]) -> list[SubmitWork]:
+        """What submit tasks need of their nodes, read under their claims, in the order given."""
+        with self._core() as conn:
+            found = {row.id: row for row in conn.execute(_SUBMIT_NODES, {"ids": list(node_ids)})}
+            intents: dict[int, tuple[int, datetime]] = {}
+            for row_id, node_id, intent_at in conn.execute(_OPEN_INTENTS, {"ids": list(found)}):
+                intents[node_id] = (row_id, intent_at)  # the newest open intent wins
+        works = []
+        for node_id in node_ids:
+            if node_id not in found:
+                continue
+            row = found[node_id]
+            intent = intents.get(node_id)
+            works.append(
+                SubmitWork(
+                    node_id=node_id,
+                    run_id=row.run_id,
+                    model=row.model,
+                    endpoint=row.endpoint,
+                    body=dict(row.body),
+                    attempts=row.attempts,
+                    max_attempts=row.max_attempts,
+                    open_intent_id=intent[0] if intent else None,
+                    open_intent_at=intent[1] if intent else None,
                 )
-                .order_by(JobRow.id.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-            return SubmitWork(
-                node_id=node.id,
-                run_id=node.run_id,
-                model=node.model,
-                endpoint=node.endpoint,
-                body=dict(node.body),
-                attempts=node.attempts,
-                max_attempts=node.max_attempts,
-                open_intent_id=intent.id if intent else None,
-                open_intent_at=intent.intent_at if intent else None,
             )
+        return works
 
     def note_error(self, node_id: int, error: str) -> None:
         """Record why a task on an unfinished node went wrong, without moving it."""
@@ -1173,33 +1596,25 @@ class Repository:
             ).scalar_one_or_none()
             return node.error or job_error
 
-    def record_intent(self, node_id: int, owner: str) -> int | None:
-        """Write the intent to submit (before the POST) under our claim; the job row id."""
+    def record_intents(self, node_ids: Sequence[int], owner: str) -> dict[int, int]:
+        """Write the intents to submit (before the POSTs) of nodes under our claim, in one
+        transaction: node id -> its job row id (a node whose claim we lost is left out)."""
         now = self.now()
-        with self._tx() as s:
-            taken = s.execute(
-                update(NodeRow)
-                .where(
-                    NodeRow.id == node_id,
-                    NodeRow.state == NodeState.SUBMITTING,
-                    NodeRow.claim_owner == owner,
-                )
-                .values(attempts=NodeRow.attempts + 1, updated_at=now)
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
+        with self._core() as conn:
+            params = {"ids": list(node_ids), "owner": owner, "now": now}
+            taken = conn.execute(_COUNT_ATTEMPTS, params).all()
             if not taken:
-                return None
-            node = s.get(NodeRow, node_id)
-            assert node is not None
+                return {}
             # Job rows number every POST, refused ones too (a 429 leaves its row behind and
             # does not count as an attempt), so the number is not `attempts`.
-            number = s.execute(
-                select(func.coalesce(func.max(JobRow.attempt), 0)).where(JobRow.node_id == node_id)
-            ).scalar_one()
-            job = JobRow(node_id=node_id, attempt=number + 1, model=node.model, intent_at=now)
-            s.add(job)
-            s.flush()
-            return job.id
+            ids = [node_id for node_id, _ in taken]
+            numbers = dict(conn.execute(_LAST_ATTEMPTS, {"ids": ids}).all())
+            rows = [
+                {"node_id": node_id, "attempt": numbers.get(node_id, 0) + 1, "model": model}
+                | {"intent_at": now}
+                for node_id, model in sorted(taken)
+            ]
+            return {node_id: row_id for node_id, row_id in conn.execute(_ADD_INTENTS, rows)}
 
     def known_job_ids(self, scenario_job_ids: Iterable[str]) -> set[str]:
         ids = list(scenario_job_ids)
@@ -1213,33 +1628,41 @@ class Repository:
                 )
         return known
 
-    def record_accepted(self, row_id: int, job: Job, cost: float | None, first_poll: float) -> None:
-        """The POST answered (or reconciliation found the job): the node is running."""
+    def record_accepted(self, accepted: Sequence[tuple[int, Job, float | None, float]]) -> None:
+        """POSTs answered (or reconciliation found their jobs): their nodes are running. Given
+        as (job row id, job, CU billed, seconds to the first poll); one transaction."""
         now = self.now()
-        with self._tx() as s:
-            row = s.get(JobRow, row_id)
-            assert row is not None
-            row.scenario_job_id = job.id
-            row.job_type = job.job_type or "custom"
-            row.status = JobStatus.PENDING if job.status.terminal else job.status
-            row.cost_cu = cost if cost is not None else job.cost
-            row.accepted_at = now
-            row.remote_created_at = job.created_at
-            node = s.get(NodeRow, row.node_id)
-            assert node is not None
-            self._apply(s, node, nodes.Accepted(first_poll), now)
+        with self._core() as conn:
+            node_of = dict(conn.execute(_JOB_NODES, {"ids": [row for row, *_ in accepted]}).all())
+            conn.execute(
+                _ACCEPT_JOB,
+                [
+                    {
+                        "row": row_id,
+                        "v_job": job.id,
+                        "v_type": job.job_type or "custom",
+                        "v_status": JobStatus.PENDING if job.status.terminal else job.status,
+                        "v_cost": cost if cost is not None else job.cost,
+                        "v_at": now,
+                        "v_created": job.created_at,
+                    }
+                    for row_id, job, cost, _ in accepted
+                ],
+            )
+            events = {node_of[row_id]: nodes.Accepted(first) for row_id, _, _, first in accepted}
+            self._apply(conn, events, now)
 
     def record_refused(self, row_id: int, event: nodes.Throttled | nodes.Refused) -> None:
         """The POST was refused: nothing was created or billed."""
         now = self.now()
-        with self._tx() as s:
-            row = s.get(JobRow, row_id)
-            assert row is not None
-            row.error = event.error
-            row.finished_at = now
-            node = s.get(NodeRow, row.node_id)
-            assert node is not None
-            self._apply(s, node, event, now)
+        with self._core() as conn:
+            node_id = conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == row_id)
+                .values(error=event.error, finished_at=now)
+                .returning(JOBS.c.node_id)
+            ).scalar_one()
+            self._apply(conn, {node_id: event}, now)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -1270,138 +1693,128 @@ class Repository:
 
     # -- collect --------------------------------------------------------------------------
 
-    def collect_work(self, node_id: int) -> CollectWork | None:
-        with self._tx() as s:
-            row = s.execute(
-                select(NodeRow, ItemRow, ManifestRow.name)
-                .join(ItemRow, NodeRow.item_id == ItemRow.id)
-                .join(RunRow, ItemRow.run_id == RunRow.id)
-                .join(ManifestRow, RunRow.manifest_id == ManifestRow.id)
-                .where(NodeRow.id == node_id)
-            ).first()
-            if row is None:
-                return None
-            node, item, manifest_name = row
-            ids = tuple((node.outputs or {}).get("ids") or ())
-            if not ids or node.output_template is None:
-                return None
-            source = node.reused_from_id or node.id
-            job_id = s.execute(
-                select(JobRow.scenario_job_id)
-                .where(JobRow.node_id == source, JobRow.status == JobStatus.SUCCESS)
-                .order_by(JobRow.id.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-            stored = s.execute(
-                select(ObjectRow.output_index, ObjectRow.key, ObjectRow.sha256).where(
-                    ObjectRow.node_id == node_id
-                )
-            ).all()
-            return CollectWork(
-                node_id=node.id,
-                run_id=node.run_id,
-                manifest_name=manifest_name,
-                manifest_item_id=item.manifest_item_id,
-                item_key=item.item_key,
-                seed=item.seed,
-                model=node.model,
-                trained_model=item.trained_model if node.step == 0 else None,
-                step=node.step,
-                branch=node.branch,
-                expected_outputs=node.expected_outputs,
-                final=node.final,
-                node_key=node.node_key,
-                input_asset=node.input_asset,
-                output_template=node.output_template,
-                overwrite=item.recipe.get("overwrite", "replace") != "never",
-                scenario_job_id=job_id or "",
-                asset_ids=ids,
-                stored={index: (key, sha) for index, key, sha in stored},
+    def collect_works(self, node_ids: Sequence[int]) -> dict[int, CollectWork]:
+        """What collect tasks need of their nodes, read under their claims (a node without
+        outputs to store is left out)."""
+        with self._core() as conn:
+            rows = [
+                r
+                for r in conn.execute(_COLLECT_NODES, {"ids": list(node_ids)})
+                if (r.outputs or {}).get("ids") and r.output_template
+            ]
+            sources = {r.id: r.reused_from_id or r.id for r in rows}
+            jobs: dict[int, str | None] = {}
+            for node_id, job_id in conn.execute(
+                _SUCCESSFUL_JOBS, {"ids": sorted(set(sources.values()))}
+            ):
+                jobs[node_id] = job_id  # the newest successful job wins
+            stored: dict[int, dict[int, tuple[str, str]]] = {}
+            for node_id, index, key, sha in conn.execute(_STORED, {"ids": list(sources)}):
+                stored.setdefault(node_id, {})[index] = (key, sha)
+        return {
+            r.id: CollectWork(
+                node_id=r.id,
+                run_id=r.run_id,
+                manifest_name=r.manifest_name,
+                manifest_item_id=r.manifest_item_id,
+                item_key=r.item_key,
+                seed=r.seed,
+                model=r.model,
+                trained_model=r.trained_model if r.step == 0 else None,
+                step=r.step,
+                branch=r.branch,
+                expected_outputs=r.expected_outputs,
+                final=r.final,
+                node_key=r.node_key,
+                input_asset=r.input_asset,
+                output_template=r.output_template,
+                overwrite=r.recipe.get("overwrite", "replace") != "never",
+                scenario_job_id=jobs.get(sources[r.id]) or "",
+                asset_ids=tuple(r.outputs["ids"]),
+                stored=stored.get(r.id, {}),
             )
+            for r in rows
+        }
 
-    def stored_copy(self, scenario_asset_id: str, key: str) -> str | None:
-        """The sha256 of an object recorded earlier at `key` for this very asset, if any."""
-        with self._tx() as s:
-            return s.execute(
-                select(ObjectRow.sha256)
-                .join(AssetRow, ObjectRow.asset_id == AssetRow.id)
-                .where(AssetRow.scenario_asset_id == scenario_asset_id, ObjectRow.key == key)
-                .order_by(ObjectRow.id.desc())
-                .limit(1)
-            ).scalar_one_or_none()
+    def stored_copies(self, scenario_asset_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        """For assets stored before: asset id -> {key: sha256 of the newest object there}."""
+        copies: dict[str, dict[str, str]] = {}
+        with self._core() as conn:
+            for chunk in _chunks(sorted(set(scenario_asset_ids)), CHUNK):
+                for asset_id, key, sha in conn.execute(_COPIES, {"ids": list(chunk)}):
+                    copies.setdefault(asset_id, {})[key] = sha
+        return copies
 
-    def record_output(
-        self,
-        *,
-        node_id: int,
-        index: int,
-        scenario_asset_id: str,
-        mime_type: str | None,
-        width: int | None,
-        height: int | None,
-        source_host: str | None,
-        uri: str,
-        key: str,
-        sha256: str,
-        size: int,
-        content_type: str,
-        public_url: str | None,
+    def record_collected(
+        self, objects: Sequence[NewObject], events: Mapping[int, Event]
+    ) -> dict[int, NodeState]:
+        """One collect task's writes, in one transaction: the outputs it stored, with what
+        is known of their Scenario assets (idempotent), then each node's event (`Stored`,
+        or why not). The new state of each node an event moved."""
+        now = self.now()
+        with self._core() as conn:
+            if objects:
+                self._record_objects(conn, objects, now)
+            return self._apply(conn, events, now)
+
+    def _record_objects(
+        self, conn: Connection, objects: Sequence[NewObject], now: datetime
     ) -> None:
-        """Record one stored output and what is known of its Scenario asset (idempotent)."""
-        with self._tx() as s:
-            node = s.get(NodeRow, node_id)
-            assert node is not None
-            asset = s.execute(
-                select(AssetRow).where(AssetRow.scenario_asset_id == scenario_asset_id)
-            ).scalar_one_or_none()
-            if asset is None:
-                asset = AssetRow(scenario_asset_id=scenario_asset_id, role=AssetRole.OUTPUT)
-                s.add(asset)
-            asset.mime_type = mime_type or asset.mime_type
-            asset.width = width or asset.width
-            asset.height = height or asset.height
-            asset.source_host = source_host or asset.source_host
-            s.flush()
-            existing = s.execute(
-                select(ObjectRow.id).where(
-                    ObjectRow.node_id == node_id, ObjectRow.output_index == index
-                )
-            ).scalar_one_or_none()
-            if existing is not None:
-                return
-            s.add(
-                ObjectRow(
-                    item_id=node.item_id,
-                    node_id=node_id,
-                    asset_id=asset.id,
-                    output_index=index,
-                    final=node.final,
-                    uri=uri,
-                    key=key,
-                    sha256=sha256,
-                    bytes=size,
-                    content_type=content_type,
-                    public_url=public_url,
-                    created_at=self.now(),
-                )
+        described = list({o.scenario_asset_id: o for o in objects}.values())
+        assets = _asset_rows(conn, {o.scenario_asset_id for o in described})
+        missing = [o for o in described if o.scenario_asset_id not in assets]
+        if missing:
+            made = conn.execute(
+                _ADD_ASSETS,
+                [
+                    {"scenario_asset_id": o.scenario_asset_id, "role": AssetRole.OUTPUT}
+                    for o in missing
+                ],
             )
-
-
-def _facts(node: NodeRow) -> Facts:
-    return Facts(
-        state=node.state,
-        attempts=node.attempts,
-        max_attempts=node.max_attempts,
-        tries=node.tries,
-        stores_outputs=node.output_template is not None,
-        error=node.error,
-    )
+            assets.update({asset_id: row_id for asset_id, row_id in made})
+        # What is now known of each asset; what a write knew before is never erased.
+        conn.execute(
+            _DESCRIBE_ASSETS,
+            [
+                {
+                    "asset": assets[o.scenario_asset_id],
+                    "v_mime": o.mime_type or None,
+                    "v_width": o.width or None,
+                    "v_height": o.height or None,
+                    "v_host": o.source_host or None,
+                }
+                for o in described
+            ],
+        )
+        ids = sorted({o.node_id for o in objects})
+        owners = {n: (item, final) for n, item, final in conn.execute(_OBJECT_OWNERS, {"ids": ids})}
+        existing = {(n, index) for n, index in conn.execute(_OBJECTS_OF, {"ids": ids})}
+        rows = [
+            {
+                "item_id": owners[o.node_id][0],
+                "node_id": o.node_id,
+                "asset_id": assets[o.scenario_asset_id],
+                "output_index": o.index,
+                "final": owners[o.node_id][1],
+                "uri": o.uri,
+                "key": o.key,
+                "sha256": o.sha256,
+                "bytes": o.size,
+                "content_type": o.content_type,
+                "public_url": o.public_url,
+                "created_at": now,
+            }
+            for o in objects
+            if (o.node_id, o.index) not in existing
+        ]
+        if rows:
+            conn.execute(insert(OBJECTS), rows)
 
 
 def _values(change: Change) -> dict[str, Any]:
     values: dict[str, Any] = {"state": change.state}
     for name, value in change.values.items():
-        column = getattr(NodeRow, name)
+        column = NODES.c[name]
         values[name] = column + value.by if isinstance(value, Inc) else value
     return values
 
@@ -1409,10 +1822,43 @@ def _values(change: Change) -> dict[str, Any]:
 def _gathering(now: datetime) -> list[Any]:
     """Collecting nodes no task holds, waiting for company until their due time."""
     return [
-        NodeRow.state == NodeState.COLLECTING,
-        NodeRow.claimed_until.is_(None),
-        NodeRow.due_at > now,
+        NODES.c.state == NodeState.COLLECTING,
+        NODES.c.claimed_until.is_(None),
+        NODES.c.due_at > now,
     ]
+
+
+def _item_values(
+    status: ItemStatus, nodes_of_item: list[tuple[NodeState, str | None, str | None]], now: datetime
+) -> dict[str, Any]:
+    """The columns to set on an item whose nodes are these (state, error, hint), in order of
+    creation; none when its status stands. A finished item keeps its first node's error."""
+    if status == ItemStatus.SKIPPED:
+        return {}
+    new = ItemStatus(nodes.item_status(state for state, _, _ in nodes_of_item))
+    if new == status:
+        return {}
+    values: dict[str, Any] = {"status": new, "updated_at": now, "finished_at": None}
+    if new.final:
+        failed = [(e, h) for state, e, h in nodes_of_item if state != NodeState.SUCCEEDED and e]
+        error, hint = failed[0] if failed else (None, None)
+        values |= {"finished_at": now, "error": error, "hint": hint}
+    return values
+
+
+def _job_values(row_id: int, job: Job, updated: datetime | None, now: datetime) -> dict[str, Any]:
+    """The parameters of `apply_jobs`' UPDATE for one job row (a None keeps the column)."""
+    failed = job.status.terminal and job.status not in (JobStatus.SUCCESS, JobStatus.CANCELED)
+    return {
+        "row": row_id,
+        "v_status": job.status,
+        "v_progress": job.progress,
+        "v_updated": job.updated_at or updated,
+        "v_cost": job.cost,
+        "v_finished": now if job.status.terminal else None,
+        "v_error": nodes.cut(job.error) if failed else None,
+        "v_hint": nodes.cut(job.hint) if failed else None,
+    }
 
 
 def _in_pool(pool: str | None) -> list[Any]:
@@ -1420,33 +1866,18 @@ def _in_pool(pool: str | None) -> list[Any]:
     if pool is None:
         return []
     if pool == "custom":
-        return [NodeRow.endpoint == "custom"]
-    return [NodeRow.endpoint != "custom"]
+        return [NODES.c.endpoint == "custom"]
+    return [NODES.c.endpoint != "custom"]
 
 
-def _guard_redispatchable(now: datetime) -> list[Any]:
-    return [
-        or_(
-            and_(
-                NodeRow.claimed_until.is_(None),
-                or_(NodeRow.due_at.is_(None), NodeRow.due_at <= now),
-            ),
-            NodeRow.claimed_until < now,
+def _asset_rows(conn: Connection, scenario_asset_ids: Iterable[str]) -> dict[str, int]:
+    """The row ids of these Scenario assets, where they have one."""
+    found: dict[str, int] = {}
+    for chunk in _chunks(sorted(set(scenario_asset_ids)), CHUNK):
+        found.update(
+            {asset_id: row for asset_id, row in conn.execute(_ASSET_IDS, {"ids": list(chunk)})}
         )
-    ]
-
-
-def _guard(change: Change, now: datetime) -> list[Any]:
-    if change.guard == Guard.OWNER:
-        return [NodeRow.claim_owner == change.owner, NodeRow.claimed_until > now]
-    if change.guard == Guard.CLAIMABLE:
-        return [
-            NodeRow.claimed_until.is_not(None),
-            or_(NodeRow.claim_owner.is_(None), NodeRow.claimed_until < now),
-        ]
-    if change.guard == Guard.REDISPATCHABLE:
-        return _guard_redispatchable(now)
-    return []
+    return found
 
 
 def _refresh_run_status(s: Session, run: RunRow, now: datetime) -> bool:
@@ -1482,6 +1913,7 @@ __all__ = [
     "InFlightJob",
     "KeyOwner",
     "NewItem",
+    "NewObject",
     "Repository",
     "StoredOutput",
     "SubmitWork",

@@ -130,8 +130,8 @@ class CeleryDispatcher:
     """Sends task messages. A lost message is harmless: the item's lease expires and the
     sweeper sends it again, so broker trouble is logged, not raised."""
 
-    def submit(self, node_id: int) -> None:
-        self._send("pipeline.submit", [node_id, time.time()])
+    def submit(self, node_ids: Sequence[int]) -> None:
+        self._send("pipeline.submit", [list(node_ids), time.time()])
 
     def collect(self, node_ids: Sequence[int]) -> None:
         self._send("pipeline.collect", [list(node_ids)])

@@ -13,6 +13,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,7 +34,7 @@ from pipeline.errors import (
 )
 from pipeline.keys import render_key
 from pipeline.nodes import NodeState
-from pipeline.repository import CollectWork, InFlightJob, Repository, SubmitWork
+from pipeline.repository import CollectWork, InFlightJob, NewObject, Repository, SubmitWork
 from pipeline.retry import Backoff, poll_delay
 from pipeline.scenario import Asset, Job, ScenarioClient
 from pipeline.storage import Storage, StoredObject
@@ -46,13 +47,15 @@ LIST_INTERVAL_MIN = 0.1
 LIST_INTERVAL_MAX = 1.0
 SWEEP_MIN_SLEEP = 0.02
 RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
+FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed before its POST
+QUICK_POST = 0.05  # seconds: a POST answered this fast has its acceptance recorded with the next
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
 class Dispatcher(Protocol):
     """Hands work to workers (Celery in production, direct calls in some tests)."""
 
-    def submit(self, node_id: int) -> None: ...
+    def submit(self, node_ids: Sequence[int]) -> None: ...
 
     def collect(self, node_ids: Sequence[int]) -> None: ...
 
@@ -76,6 +79,8 @@ class Tuning:
     straggler_default: float = 20.0  # a job the list never showed gets its own GET after 3x
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
+    submit_batch: int = 10  # nodes per submit task at most (their SQL is batched)
+    submit_spread: int = 8  # ... but a dispatch makes at least this many tasks: POSTs in parallel
     collect_batch: int = 25  # nodes per collect task (one get-bulk for all their assets)
     # Gather finished nodes up to this long into one collect task: a finished job holds no
     # slot and its children are already spawned, so storing later costs nothing but one
@@ -136,20 +141,85 @@ class Context:
 # -- submit ------------------------------------------------------------------------------
 
 
-def submit_node(ctx: Context, node_id: int, dispatched_at: float | None = None) -> str:
-    """Submit one node's job exactly once; returns what happened (for logs/tests).
+def submit_nodes(
+    ctx: Context, node_ids: Sequence[int], dispatched_at: float | None = None
+) -> dict[int, str]:
+    """Submit the jobs of nodes handed out together, each exactly once; what happened to
+    each (for logs and tests).
 
-    `dispatched_at` (epoch seconds) is when the sweeper handed the node out, under the cap
-    of that moment: a refusal of a node handed out before the cap was last lowered is no
+    `dispatched_at` (epoch seconds) is when the sweeper handed them out, under the cap of
+    that moment: a refusal of a node handed out before the cap was last lowered is no
     news, however long its task waited in the queue.
+
+    The claims, the reads and the intents of the whole batch take one transaction each;
+    then each node is POSTed on its own, its claim renewed right before unless it was taken
+    a moment ago, and the acceptances of quick POSTs are recorded together. A transient
+    error on one node (the database blinked) leaves it to its claim's expiry, not the others.
     """
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
-    if not ctx.repo.transition(node_id, nodes.Claim(owner)):
-        return "not-claimed"
-    claimed = time.monotonic()
-    work = ctx.repo.submit_work(node_id)
-    if work is None:
-        return "missing"
+    results = dict.fromkeys(node_ids, "not-claimed")
+    batch = _Batch(claimed_at=time.monotonic(), dispatched_at=dispatched_at)
+    claimed = ctx.repo.claim(node_ids, owner, NodeState.SUBMITTING)
+    if not claimed:
+        return results
+    results.update(dict.fromkeys(claimed, "missing"))
+    works = ctx.repo.submit_works(claimed)
+    fresh = [w.node_id for w in works if w.open_intent_id is None and w.attempts < w.max_attempts]
+    intents = ctx.repo.record_intents(fresh, owner) if fresh else {}
+    try:
+        for work in works:
+            try:
+                results[work.node_id] = _submit(ctx, work, owner, intents.get(work.node_id), batch)
+            except TransientError as exc:
+                logger.warning("submit of node %s deferred: %s", work.node_id, exc)
+                results[work.node_id] = "deferred"
+    finally:
+        batch.flush(ctx)  # whatever happens, what Scenario accepted is recorded if it can be
+    _count_acceptances(ctx, batch.accepted)
+    if batch.accepted:
+        ctx.wake.set()
+    return results
+
+
+@dataclass
+class _Batch:
+    """What the nodes of one submit task share: model durations, read once; acceptances,
+    counted per pool, and recorded together when the POSTs are quick."""
+
+    claimed_at: float  # monotonic, taken before the claims were written
+    dispatched_at: float | None = None  # epoch seconds, when the sweeper handed them out
+    durations: dict[str, float | None] = field(default_factory=dict)
+    accepted: Counter[str] = field(default_factory=Counter)
+    unrecorded: list[tuple[int, Job, float | None, float]] = field(default_factory=list)
+
+    def expected(self, ctx: Context, model: str) -> float | None:
+        if model not in self.durations:
+            self.durations[model] = ctx.repo.expected_duration(model)
+        return self.durations[model]
+
+    def accept(
+        self, ctx: Context, row_id: int, model: str, job: Job, cost: float | None, quick: bool
+    ) -> None:
+        """A job Scenario accepted: recorded at once, or with the batch's next ones when its
+        POST was quick (those follow within moments, and one transaction records them all)."""
+        first_poll = next_poll_in(0.0, self.expected(ctx, model), 0, ctx.rng)
+        self.unrecorded.append((row_id, job, cost, first_poll))
+        if not quick:
+            self.flush(ctx)
+
+    def flush(self, ctx: Context) -> None:
+        if not self.unrecorded:
+            return
+        accepted, self.unrecorded = self.unrecorded, []
+        ctx.repo.record_accepted(accepted)
+        finished = [(row_id, job) for row_id, job, _, _ in accepted if job.status.terminal]
+        if finished:  # a reconciled job may have finished meanwhile
+            ctx.repo.apply_jobs(finished)
+
+
+def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batch: _Batch) -> str:
+    """Submit one claimed node's job exactly once; what happened."""
+    node_id = work.node_id
     if work.open_intent_id is not None:
         # A previous attempt wrote its intent and may have reached Scenario before dying.
         try:
@@ -163,20 +233,19 @@ def submit_node(ctx: Context, node_id: int, dispatched_at: float | None = None) 
             ctx.repo.fail_run(work.run_id, _auth_message(exc))
             return "auth-failed"
         if found is not None:
-            _record_accepted(ctx, work.open_intent_id, work.model, found, found.cost)
+            batch.accept(ctx, work.open_intent_id, work.model, found, found.cost, quick=False)
             budget.settle(ctx.repo, work.run_id, 0.0, found.cost)
             logger.info("node %s: reconciled with existing job %s", node_id, found.id)
             return "reconciled"
         row_id = work.open_intent_id
+    elif work.attempts >= work.max_attempts:
+        cause = ctx.repo.last_error(node_id) or "its jobs failed"
+        reason = f"{cause} (after {work.attempts} of {work.max_attempts} attempts)"
+        ctx.repo.transition(node_id, nodes.Fail(reason))
+        return "exhausted"
+    elif intent is None:
+        return "claim-lost"
     else:
-        if work.attempts >= work.max_attempts:
-            cause = ctx.repo.last_error(node_id) or "its jobs failed"
-            reason = f"{cause} (after {work.attempts} of {work.max_attempts} attempts)"
-            ctx.repo.transition(node_id, nodes.Fail(reason))
-            return "exhausted"
-        intent = ctx.repo.record_intent(node_id, owner)
-        if intent is None:
-            return "claim-lost"
         row_id = intent
     reserved = budget.gate(ctx, work, owner, row_id)  # a run's budget: reserve or refuse
     if isinstance(reserved, budget.Refused):
@@ -185,15 +254,16 @@ def submit_node(ctx: Context, node_id: int, dispatched_at: float | None = None) 
     def still_ours() -> None:
         # Our claim may have run out while we reconciled or waited for the governor, and
         # the sweeper may have handed the node to another worker that will POST itself.
-        # Renewing it right before sending keeps the POST inside our claim. A claim taken
-        # less than a third of the lease ago needs no renewal: the settings keep the lease
-        # at least three HTTP timeouts long, so the POST ends well inside it.
-        if time.monotonic() - claimed < ctx.tuning.lease_seconds / 3:
+        # Renewing it right before sending keeps the POST inside our claim (lease_seconds
+        # is checked to exceed the HTTP timeout several times over). A claim taken a
+        # moment ago has nearly all its lease left: the batch's first POSTs skip the query.
+        if time.monotonic() - batch.claimed_at < ctx.tuning.lease_seconds * FRESH_CLAIM:
             return
-        if not ctx.repo.transition(node_id, nodes.Renew(owner)):
+        if not ctx.repo.renew(node_id, owner, NodeState.SUBMITTING):
             raise _ClaimLost(node_id)
 
-    handed_at = min(dispatched_at or float("inf"), ctx.now().timestamp())
+    handed_at = min(batch.dispatched_at or float("inf"), ctx.now().timestamp())
+    started = time.monotonic()
     try:
         with budget.held(ctx.repo, work.run_id, reserved):  # released unless accepted
             submission = ctx.client.generate(
@@ -228,14 +298,25 @@ def submit_node(ctx: Context, node_id: int, dispatched_at: float | None = None) 
     except ApiPermanentError as exc:
         ctx.repo.record_refused(row_id, nodes.Refused(str(exc), exc.hint))
         return "rejected"
-    _record_accepted(ctx, row_id, work.model, submission.job, submission.creative_units)
+    quick = time.monotonic() - started < QUICK_POST
+    batch.accept(ctx, row_id, work.model, submission.job, submission.creative_units, quick)
     found_cost = submission.job.cost
     billed = submission.creative_units
     budget.settle(ctx.repo, work.run_id, reserved, billed if billed is not None else found_cost)
-    pool = pool_of(work.endpoint)
-    ctx.caps.accepted(pool, ctx.repo.running_in_pool(pool), ctx.repo.waiting_in_pool(pool))
-    ctx.wake.set()
+    batch.accepted[pool_of(work.endpoint)] += 1
     return "submitted"
+
+
+def _count_acceptances(ctx: Context, accepted: Counter[str]) -> None:
+    """Teach each pool's learned cap the batch's acceptances, one by one as
+    `CapacityStore.accepted` would, with the jobs running and the waiting work read once."""
+    for pool, count in accepted.items():
+        running, waiting = ctx.repo.pool_demand(pool)
+        cap = new = ctx.caps.get(pool)
+        for _ in range(count):
+            new = new.accepted(running, waiting)
+        if new != cap:
+            ctx.caps.put(pool, new)
 
 
 class _ClaimLost(Exception):
@@ -266,13 +347,6 @@ def _echoes(echoed: dict[str, Any], body: dict[str, Any]) -> bool:
     if not any(k in shared for k in ("prompt", "image")):
         return False
     return all(echoed[k] == body[k] for k in shared)
-
-
-def _record_accepted(ctx: Context, row_id: int, model: str, job: Job, cost: float | None) -> None:
-    expected = ctx.repo.expected_duration(model)
-    ctx.repo.record_accepted(row_id, job, cost, next_poll_in(0.0, expected, 0, ctx.rng))
-    if job.status.terminal:  # a reconciled job may have finished meanwhile
-        ctx.repo.apply_job(row_id, job)
 
 
 def _auth_message(exc: Exception) -> str:
@@ -391,21 +465,29 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     finishing = [j for j in jobs if (p := seen.get(j.scenario_job_id)) and p.status.terminal]
     # Nothing else is about to finish: collect what finished now rather than in a batch.
     collect_now = len(finishing) == len(jobs)
+    changed: list[tuple[int, Job]] = []
     schedule: dict[tuple[int, int], datetime] = {}
     for j in jobs:
         polled = seen.get(j.scenario_job_id)
         if polled is not None and polled.status.terminal:
-            _apply(ctx, j, polled, report, collect_now)
+            changed.append((j.row_id, polled))
             continue
         if polled is None and not list_ok and j.scenario_job_id not in attempted:
             continue  # still due: polled on the next tick
         if polled is not None and polled.status != j.status:
-            ctx.repo.apply_job(j.row_id, polled)  # a new status (queued -> in-progress ...)
+            changed.append((j.row_id, polled))  # a new status (queued -> in-progress ...)
         expected = state.expected(ctx, j.model)
         elapsed = (now - j.accepted_at).total_seconds()
         schedule[(j.row_id, j.node_id)] = now + timedelta(
             seconds=next_poll_in(elapsed, expected, j.polls)
         )
+    moved = ctx.repo.apply_jobs(changed, collect_now=collect_now) if changed else {}
+    for j in finishing:
+        new_state = moved.get(j.row_id)
+        if new_state in (NodeState.COLLECTING, NodeState.SUCCEEDED):
+            report.finished.append(j.node_id)
+        elif new_state is not None:
+            report.failed += 1
     ctx.repo.schedule_polls(schedule)
     return report
 
@@ -432,15 +514,6 @@ def _straggling(ctx: Context, state: SweeperState, job: InFlightJob, now: dateti
     return (now - job.accepted_at).total_seconds() > 3 * expected
 
 
-def _apply(ctx: Context, row: InFlightJob, job: Job, report: PollReport, now: bool) -> None:
-    """Record a finished job and move its node on."""
-    new_state = ctx.repo.apply_job(row.row_id, job, collect_now=now)
-    if new_state in (NodeState.COLLECTING, NodeState.SUCCEEDED):
-        report.finished.append(row.node_id)
-    elif new_state is not None:
-        report.failed += 1
-
-
 # -- the sweeper -------------------------------------------------------------------------
 
 
@@ -454,6 +527,7 @@ class SweeperState:
     list_gap: float = 0.0  # the least time between two list polls, as last computed
     window_until: float = float("-inf")  # monotonic end of the wait that batches a poll
     lease_renew_at: float = float("-inf")  # monotonic time to renew the sweeper lease
+    lease_retry_at: float = float("-inf")  # another sweeper holds it: not asked before this
     runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
     expected_cache: dict[str, tuple[float, float | None]] = field(default_factory=dict)
 
@@ -488,8 +562,13 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     ttl = max(3.0, ctx.tuning.tick * 10)
     mono = time.monotonic()
     if mono > state.lease_renew_at:  # renewed at half its life, not on every sweep
+        if mono < state.lease_retry_at:
+            return report
         if not ctx.repo.acquire_lease(SWEEPER_LEASE, holder, ttl=ttl):
+            # A standby: it takes over within a quarter of the lease after the holder's
+            # expires, and the tasks of its process (each one rings its bell) cost no query.
             state.lease_renew_at = float("-inf")
+            state.lease_retry_at = mono + ttl / 4
             return report
         state.lease_renew_at = mono + ttl / 2
     report.ran = True
@@ -537,9 +616,11 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         handed = ctx.repo.dispatch_pending(room, pool)
         fresh += handed
         report.full = report.full and len(handed) >= room
-    for node_id in resubmit + fresh:
-        ctx.dispatch.submit(node_id)
-    report.submitted = len(resubmit) + len(fresh)
+    handed = resubmit + fresh
+    size = max(1, min(tuning.submit_batch, -(-len(handed) // tuning.submit_spread)))
+    for start in range(0, len(handed), size):
+        ctx.dispatch.submit(handed[start : start + size])
+    report.submitted = len(handed)
     if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
         # Runs end when their last node does; nodes finish in polls, collects and tasks.
         state.runs_at = mono + RUNS_REFRESH
@@ -610,6 +691,8 @@ class Sweeper:
     def _sleep_after(self, report: TickReport) -> float:
         """Until the next timer is due, within [SWEEP_MIN_SLEEP, tick]."""
         tick = self.ctx.tuning.tick
+        if not report.ran:  # a standby, or the database is failing: no timer to wait for
+            return tick
         if report.submitted or report.collected or report.poll.finished:
             return SWEEP_MIN_SLEEP
         try:
@@ -646,58 +729,86 @@ class Sweeper:
 
 
 def collect_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
-    """Store the outputs of succeeded jobs; one get-bulk for the whole batch."""
+    """Store the outputs of succeeded jobs: one get-bulk for the whole batch, and its SQL
+    in a few transactions (claims, reads, then every output and node's outcome at once)."""
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
-    results: dict[int, str] = {}
-    works: list[CollectWork] = []
-    for node_id in node_ids:
-        if not ctx.repo.transition(node_id, nodes.Claim(owner)):
-            results[node_id] = "not-claimed"
-            continue
-        work = ctx.repo.collect_work(node_id)
-        if work is None:
-            ctx.repo.transition(
-                node_id, nodes.StoreFailed(owner, "no successful job to collect from")
-            )
-            results[node_id] = "failed"
-            continue
-        works.append(work)
-    if not works:
+    results = dict.fromkeys(node_ids, "not-claimed")
+    claimed = ctx.repo.claim(node_ids, owner, NodeState.COLLECTING)
+    if not claimed:
         return results
-    wanted = sorted({a for w in works for i, a in enumerate(w.asset_ids) if i not in w.stored})
+    works = ctx.repo.collect_works(claimed)
+    events: dict[int, nodes.Event] = {
+        node_id: nodes.StoreFailed(owner, "no successful job to collect from")
+        for node_id in claimed
+        if node_id not in works
+    }
+    wanted = sorted(
+        {
+            a
+            for w in works.values()
+            for i, a in enumerate(w.asset_ids)
+            if w.index_of(i) not in w.stored
+        }
+    )
     try:
         assets = {a.id: a for a in ctx.client.get_assets(wanted)} if wanted else {}
     except TransientError as exc:
-        for w in works:
-            event = nodes.Release(owner, f"asset lookup failed: {exc}", exc.retry_after)
-            ctx.repo.transition(w.node_id, event)
-            results[w.node_id] = "released"
-        return results
+        events |= {
+            node_id: nodes.Release(owner, f"asset lookup failed: {exc}", exc.retry_after)
+            for node_id in works
+        }
+        works = {}
     except AuthError as exc:
-        for w in works:
+        for w in works.values():
             ctx.repo.fail_run(w.run_id, _auth_message(exc))
             results[w.node_id] = "auth-failed"
-        return results
-    for work in works:
+        works = {}
+    copies = ctx.repo.stored_copies(a for w in works.values() for a in w.asset_ids) if works else {}
+    objects: list[NewObject] = []
+    for work in works.values():
         try:
-            store_outputs(ctx, work, assets)
+            store_outputs(ctx, work, assets, copies, objects)
         except TransientError as exc:
-            ctx.repo.transition(work.node_id, nodes.Release(owner, str(exc), exc.retry_after))
-            results[work.node_id] = "released"
+            events[work.node_id] = nodes.Release(owner, str(exc), exc.retry_after)
             continue
         except PermanentError as exc:
-            failed = nodes.StoreFailed(owner, str(exc), getattr(exc, "hint", None))
-            ctx.repo.transition(work.node_id, failed)
-            results[work.node_id] = "failed"
+            events[work.node_id] = nodes.StoreFailed(owner, str(exc), getattr(exc, "hint", None))
             continue
-        ctx.repo.transition(work.node_id, nodes.Stored(owner))
-        results[work.node_id] = "succeeded"
+        events[work.node_id] = nodes.Stored(owner)
+    try:
+        moved = ctx.repo.record_collected(objects, events) if events else {}
+    except TransientError as exc:
+        # As for any transient trouble: the nodes go back, to be collected again soon (what
+        # was stored is found at its key then, not downloaded again).
+        logger.warning("recording collected nodes %s failed: %s", sorted(events), exc)
+        events = {
+            node_id: nodes.Release(owner, f"recording failed: {exc}", exc.retry_after)
+            if isinstance(event, nodes.Stored)
+            else event
+            for node_id, event in events.items()
+        }
+        moved = ctx.repo.record_collected(objects, events)
+    for node_id, event in events.items():
+        if isinstance(event, nodes.Stored):
+            results[node_id] = "succeeded" if node_id in moved else "claim-lost"
+        else:
+            results[node_id] = "released" if isinstance(event, nodes.Release) else "failed"
     ctx.wake.set()
     return results
 
 
-def store_outputs(ctx: Context, work: CollectWork, assets: dict[str, Asset]) -> None:
-    """Download every output of one node into storage and record its lineage."""
+def store_outputs(
+    ctx: Context,
+    work: CollectWork,
+    assets: dict[str, Asset],
+    copies: dict[str, dict[str, str]],
+    recorded: list[NewObject],
+) -> None:
+    """Download every output of one node into storage; what is stored joins `recorded`
+    (also when a later output fails: it is kept, not downloaded again).
+
+    `copies` are the objects stored earlier for these assets (asset id -> {key: sha256}).
+    """
     for number, asset_id in enumerate(work.asset_ids):
         index = work.index_of(number)
         if index in work.stored:
@@ -716,7 +827,7 @@ def store_outputs(ctx: Context, work: CollectWork, assets: dict[str, Asset]) -> 
             ext=MIME_EXT.get(mime, "bin"),
             step=work.step,
         )
-        earlier = ctx.repo.stored_copy(asset_id, key)
+        earlier = copies.get(asset_id, {}).get(key)
         found = ctx.storage.head(key) if earlier else None
         if found is not None and found.sha256 == earlier:
             # A reused node whose image is already at its key: record it, download nothing.
@@ -738,20 +849,22 @@ def store_outputs(ctx: Context, work: CollectWork, assets: dict[str, Asset]) -> 
                 "output-index": str(index),
             }
             stored, asset = _download_into(ctx, asset, key, mime, metadata, work.overwrite)
-        ctx.repo.record_output(
-            node_id=work.node_id,
-            index=index,
-            scenario_asset_id=asset_id,
-            mime_type=asset.mime_type,
-            width=asset.width,
-            height=asset.height,
-            source_host=urlsplit(asset.url).hostname if asset.url else None,
-            uri=stored.uri,
-            key=stored.key,
-            sha256=stored.sha256,
-            size=stored.size,
-            content_type=mime,
-            public_url=stored.public_url,
+        recorded.append(
+            NewObject(
+                node_id=work.node_id,
+                index=index,
+                scenario_asset_id=asset_id,
+                mime_type=asset.mime_type,
+                width=asset.width,
+                height=asset.height,
+                source_host=urlsplit(asset.url).hostname if asset.url else None,
+                uri=stored.uri,
+                key=stored.key,
+                sha256=stored.sha256,
+                size=stored.size,
+                content_type=mime,
+                public_url=stored.public_url,
+            )
         )
 
 

@@ -18,18 +18,23 @@ logger = logging.getLogger(__name__)
 
 
 @app.task(name="pipeline.submit")
-def submit(node_id: int, dispatched_at: float | None = None) -> str:
-    """Submit one node's job (exactly once, reconciling an earlier intent)."""
+def submit(node_ids: Sequence[int] | int, dispatched_at: float | None = None) -> dict[int, str]:
+    """Submit the jobs of nodes handed out together (each exactly once, reconciling an
+    earlier intent) at `dispatched_at` (epoch seconds). A message from before batches
+    carries one id."""
+    batch = [node_ids] if isinstance(node_ids, int) else list(node_ids)
     try:
-        return stages.submit_node(runtime.context(), node_id, dispatched_at)
+        return stages.submit_nodes(runtime.context(), batch, dispatched_at)
     except TransientError as exc:
-        logger.warning("submit of node %s deferred: %s", node_id, exc)
-        _note(node_id, exc)
-        return "deferred"
+        logger.warning("submit of nodes %s deferred: %s", batch, exc)
+        for node_id in batch:
+            _note(node_id, exc)
+        return {}
     except Exception as exc:
-        logger.exception("submit of node %s failed unexpectedly", node_id)
-        _note(node_id, exc)
-        return "error"
+        logger.exception("submit of nodes %s failed unexpectedly", batch)
+        for node_id in batch:
+            _note(node_id, exc)
+        return {}
 
 
 @app.task(name="pipeline.collect")

@@ -304,6 +304,11 @@ class SeaweedFS:
             f"last log lines:\n{self.log_tail()}"
         )
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (benchmarks read its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         """Kill the server at once (like a crash); data stays for start()."""
         process, self._process = self._process, None

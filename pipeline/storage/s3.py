@@ -138,6 +138,8 @@ class S3Storage(Storage):
         self.check_key(key)
         spool = Spool.collect(chunks, expected_sha256)
         try:
+            if replace and self._put_new(key, spool, content_type, metadata):
+                return self._stored(key, spool.sha256, spool.size)
             existing = self.head(key)
             if existing is not None and (existing.sha256 == spool.sha256 or not replace):
                 self._same_or_conflict(key, existing, spool.sha256)
@@ -148,15 +150,31 @@ class S3Storage(Storage):
         finally:
             spool.close()
 
-    def _put_object(
-        self,
-        key: str,
-        spool: Spool,
-        content_type: str,
-        metadata: Mapping[str, str],
-        conditional: bool = True,
-    ) -> None:
-        request: dict[str, Any] = {
+    def _put_new(
+        self, key: str, spool: Spool, content_type: str, metadata: Mapping[str, str]
+    ) -> bool:
+        """Write the object if the key is free, without looking first: most keys are new,
+        and a HeadObject costs as much as the write. False (nothing written) when the key
+        is taken, or when the server cannot write conditionally; the caller looks then."""
+        if not self._conditional_writes:
+            return False
+        request = self._put_request(key, spool, content_type, metadata)
+        try:
+            self._client().put_object(**request, IfNoneMatch="*")
+            return True
+        except Exception as exc:
+            code = _error_code(exc)
+            if code in _UNSUPPORTED_CODES:
+                self._conditional_writes = False
+            elif code not in _PRECONDITION_CODES:
+                raise self._translate(exc, "write", key) from exc
+        spool.file.seek(0)
+        return False
+
+    def _put_request(
+        self, key: str, spool: Spool, content_type: str, metadata: Mapping[str, str]
+    ) -> dict[str, Any]:
+        return {
             "Bucket": self.bucket,
             "Key": self._full_key(key),
             "Body": spool.file,
@@ -166,6 +184,16 @@ class S3Storage(Storage):
             "ChecksumSHA256": base64.b64encode(bytes.fromhex(spool.sha256)).decode("ascii"),
             "Metadata": sanitize_metadata(metadata, spool.sha256),
         }
+
+    def _put_object(
+        self,
+        key: str,
+        spool: Spool,
+        content_type: str,
+        metadata: Mapping[str, str],
+        conditional: bool = True,
+    ) -> None:
+        request = self._put_request(key, spool, content_type, metadata)
         if self._conditional_writes and conditional:
             request["IfNoneMatch"] = "*"
         try:

@@ -191,10 +191,10 @@ class Cluster:
             check=False,
         )
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, concurrency: int = 4) -> subprocess.Popen[bytes]:
         n = len(self.workers)
         proc = subprocess.Popen(
-            [str(PIPELINE), "worker", "--concurrency=4"],
+            [str(PIPELINE), "worker", f"--concurrency={concurrency}"],
             env=self.env,
             cwd=self.folder,
             stdout=(self.folder / f"worker-{n}.log").open("ab"),

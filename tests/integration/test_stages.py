@@ -24,7 +24,7 @@ from pipeline.models import ItemStatus
 from pipeline.repository import NewItem, Repository
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import ScenarioClient
-from pipeline.stages import Context, SweeperState, Tuning, collect_nodes, submit_node, sweep
+from pipeline.stages import Context, SweeperState, Tuning, collect_nodes, submit_nodes, sweep
 from pipeline.storage import open_storage
 
 MODEL = "model_test-image"
@@ -36,9 +36,9 @@ class QueueDispatcher:
     collects: list[list[int]] = field(default_factory=list)
     dispatched_at: dict[int, float] = field(default_factory=dict)
 
-    def submit(self, node_id: int) -> None:
-        self.submits.append(node_id)
-        self.dispatched_at[node_id] = time.time()
+    def submit(self, node_ids: Sequence[int]) -> None:
+        self.submits.extend(node_ids)
+        self.dispatched_at.update(dict.fromkeys(node_ids, time.time()))
 
     def collect(self, node_ids: Sequence[int]) -> None:
         self.collects.append(list(node_ids))
@@ -151,6 +151,11 @@ def record(
     )
 
 
+def submit_node(ctx: Context, node_id: int, dispatched_at: float | None = None) -> str:
+    """A submit task handed one node."""
+    return submit_nodes(ctx, [node_id], dispatched_at)[node_id]
+
+
 def report_of(ctx: Context, run_id: str) -> dict[str, Any]:
     report = reports.run_report(ctx.repo, run_id)
     assert report is not None
@@ -247,6 +252,23 @@ def test_a_redelivered_submit_message_is_harmless(ctx: Context, sandbox: Sandbox
     assert sandbox.stats()["jobs_created"] == 1
 
 
+def test_a_submit_task_takes_a_batch_and_posts_each_node_once(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    record(ctx, [f"batch {n}" for n in range(3)])
+    sweep(ctx, SweeperState(api_host="sandbox"))
+    handed = list(ctx.dispatch.submits)  # type: ignore[attr-defined]
+    assert len(handed) == 3
+    assert submit_node(ctx, handed[0]) == "submitted"  # another task took this one first
+    assert submit_nodes(ctx, handed) == {
+        handed[0]: "not-claimed",
+        handed[1]: "submitted",
+        handed[2]: "submitted",
+    }
+    stats = sandbox.stats()
+    assert stats["jobs_created"] == 3 and stats["duplicate_submissions"] == 0
+
+
 def test_lost_messages_are_rebuilt_from_sql(ctx: Context, sandbox: Sandbox) -> None:
     run_id = record(ctx, ["a", "b"])
     drain(ctx, SweeperState(api_host="sandbox"), drop_submits=2)
@@ -308,19 +330,19 @@ def test_a_submit_that_outlived_its_lease_does_not_post(
     assert isinstance(dispatcher, QueueDispatcher)
     (item_id,) = dispatcher.submits
     dispatcher.submits.clear()
-    original = ctx.repo.record_intent
+    original = ctx.repo.record_intents
     outcomes: list[str] = []
 
     def stall_then_let_b_in(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
-        monkeypatch.setattr(ctx.repo, "record_intent", original)
+        monkeypatch.setattr(ctx.repo, "record_intents", original)
         time.sleep(ctx.tuning.lease_seconds + 0.2)
         sweep(ctx, state)  # the sweeper sees the expired lease and hands the item out again
         assert dispatcher.submits == [item_id]
         outcomes.append(submit_node(ctx, dispatcher.submits.pop()))  # worker B
         return result
 
-    monkeypatch.setattr(ctx.repo, "record_intent", stall_then_let_b_in)
+    monkeypatch.setattr(ctx.repo, "record_intents", stall_then_let_b_in)
     assert submit_node(ctx, item_id) == "claim-lost"  # worker A
     assert outcomes == ["submitted"]
     assert sandbox.stats()["jobs_created"] == 1
@@ -372,7 +394,7 @@ def test_transient_database_errors_delay_items_but_lose_none(
 ) -> None:
     """The database blips while outputs are recorded and while a job id is written."""
     run_id = record(ctx, ["blip one", "blip two"])
-    failures = {"record_output": 2, "record_accepted": 1}
+    failures = {"record_collected": 1, "record_accepted": 1}
 
     def flaky(name: str) -> Any:
         original = getattr(ctx.repo, name)
@@ -389,7 +411,9 @@ def test_transient_database_errors_delay_items_but_lose_none(
         monkeypatch.setattr(ctx.repo, name, flaky(name))
     real_submit = submit_node
 
-    def submit_as_the_task_does(c: Context, node_id: int, dispatched_at: float | None) -> str:
+    def submit_as_the_task_does(
+        c: Context, node_id: int, dispatched_at: float | None = None
+    ) -> str:
         try:
             return real_submit(c, node_id, dispatched_at)
         except DatabaseTransientError:
@@ -399,7 +423,7 @@ def test_transient_database_errors_delay_items_but_lose_none(
     drain(ctx, SweeperState(api_host="sandbox"))
     report = report_of(ctx, run_id)
     assert report["status"] == "succeeded"
-    assert failures == {"record_output": 0, "record_accepted": 0}
+    assert failures == {"record_collected": 0, "record_accepted": 0}
     assert sandbox.stats()["jobs_created"] == 2  # the unrecorded job was reconciled, not redone
 
 

@@ -125,6 +125,30 @@ def test_different_bytes_at_an_existing_key_conflict_and_leave_the_original(
     assert storage.verify("a/0.png", sha(PNG))
 
 
+def test_a_replacing_put_writes_new_bytes_and_keeps_identical_ones(
+    backend: tuple[Storage, SeaweedFS | None],
+) -> None:
+    storage, server = backend
+    first = put(storage, "a/0.png", PNG, replace=True)
+    assert put(storage, "a/0.png", PNG, replace=True) == first
+    assert put(storage, "a/0.png", OTHER, replace=True).sha256 == sha(OTHER)
+    assert read_back(storage, "a/0.png", server) == OTHER
+
+
+def test_an_s3_put_of_a_new_key_is_one_request(s3_server: SeaweedFS, s3_bucket: str) -> None:
+    """No HeadObject before writing a fresh key: the conditional write says if it is taken."""
+    storage = open_storage(f"s3://{s3_bucket}/one", **s3_server.storage_options())
+    assert isinstance(storage, S3Storage)
+    calls: list[str] = []
+    storage._client().meta.events.register(
+        "before-call.s3", lambda model, **_: calls.append(model.name)
+    )
+    put(storage, "a/0.png", PNG, replace=True)
+    assert calls == ["PutObject"]
+    put(storage, "a/0.png", PNG, replace=True)  # taken: it looks, finds the same bytes
+    assert calls == ["PutObject", "PutObject", "HeadObject"]
+
+
 def test_racing_writers_of_different_bytes_leave_exactly_one_winner(
     backend: tuple[Storage, SeaweedFS | None],
 ) -> None:

@@ -7,6 +7,7 @@ guard), so races and crashes can be played out on a fake clock.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -351,7 +352,7 @@ class World:
         return at(self.now)
 
     def submit_protocol(self, owner: str, crash_after: int | None) -> None:
-        """The writes of one submit task (as stages.submit_node makes them); crash after N."""
+        """The writes of one submit task (as stages.submit_nodes makes them); crash after N."""
         steps = [
             lambda: write(self.row, Claim(owner), self.clock()),
             self._intent,
@@ -470,3 +471,40 @@ def test_apply_mirrors_a_persisted_change() -> None:
     change = nodes.decide(facts, Dispatch(), T0, POLICY)
     assert change is not None
     assert nodes.apply(facts, change) == replace(facts, state=NodeState.SUBMITTING, tries=3)
+
+
+def test_moves_item_is_false_only_where_no_item_status_can_change() -> None:
+    """The repository skips deriving an item again after a move `moves_item` calls inert;
+    check that against every item of up to three other nodes."""
+    others = [
+        list(combo)
+        for size in range(3)
+        for combo in itertools.combinations_with_replacement(list(NodeState), size)
+    ]
+    for before, after in itertools.product(NodeState, repeat=2):
+        changes = any(
+            nodes.item_status([before, *rest]) != nodes.item_status([after, *rest])
+            for rest in others
+        )
+        assert changes <= nodes.moves_item(before, after), (before, after)
+    assert not nodes.moves_item(NodeState.SUBMITTING, NodeState.RUNNING)
+    assert nodes.moves_item(NodeState.COLLECTING, NodeState.SUCCEEDED)
+
+
+@pytest.mark.parametrize("event", [Dispatch(), Claim("w"), Renew("w"), Accepted(3.0), Stored("w")])
+def test_a_state_only_event_decides_the_same_whatever_else_the_node_holds(event: Any) -> None:
+    """The repository decides these once for a batch of nodes in one state."""
+    assert isinstance(event, nodes.STATE_ONLY_EVENTS)
+    rng = random.Random(5)
+    for state in NodeState:
+        plain = nodes.decide(Facts(state), event, T0, POLICY)
+        for _ in range(20):
+            facts = Facts(
+                state,
+                attempts=rng.randrange(4),
+                max_attempts=rng.randrange(1, 4),
+                tries=rng.randrange(6),
+                stores_outputs=rng.random() < 0.5,
+                error=rng.choice([None, "boom"]),
+            )
+            assert nodes.decide(facts, event, T0, POLICY, rng) == plain
