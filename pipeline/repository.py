@@ -1190,21 +1190,21 @@ class Repository:
         """Running nodes plus those whose POST is out (an intent written, no answer
         recorded yet): what the API may count as ours right now."""
         posting = (
-            select(JobRow.id)
+            select(JOBS.c.id)
             .where(
-                JobRow.node_id == NodeRow.id,
-                JobRow.scenario_job_id.is_(None),
-                JobRow.finished_at.is_(None),
+                JOBS.c.node_id == NODES.c.id,
+                JOBS.c.scenario_job_id.is_(None),
+                JOBS.c.finished_at.is_(None),
             )
             .exists()
         )
         either = or_(
-            NodeRow.state == NodeState.RUNNING,
-            and_(NodeRow.state == NodeState.SUBMITTING, posting),
+            NODES.c.state == NodeState.RUNNING,
+            and_(NODES.c.state == NodeState.SUBMITTING, posting),
         )
-        with self._tx() as s:
-            query = select(func.count()).select_from(NodeRow).where(either, *_in_pool(pool))
-            return int(s.execute(query).scalar_one())
+        with self._core() as conn:
+            query = select(func.count()).select_from(NODES).where(either, *_in_pool(pool))
+            return int(conn.execute(query).scalar_one())
 
     def slots_by_pool(self) -> dict[str, int]:
         """Nodes holding a parallel-job slot, per pool (one query)."""
@@ -1281,15 +1281,15 @@ class Repository:
 
     def collecting_waiting(self) -> int:
         """Finished nodes waiting for company before their collect task is sent."""
-        with self._tx() as s:
-            query = select(func.count()).select_from(NodeRow).where(*_gathering(self.now()))
-            return int(s.execute(query).scalar_one())
+        with self._core() as conn:
+            query = select(func.count()).select_from(NODES).where(*_gathering(self.now()))
+            return int(conn.execute(query).scalar_one())
 
     def pending_waits(self) -> bool:
         """Whether any node waits to be submitted (now or after a backoff)."""
-        with self._tx() as s:
-            query = select(NodeRow.id).where(NodeRow.state == NodeState.PENDING).limit(1)
-            return s.execute(query).first() is not None
+        with self._core() as conn:
+            query = select(NODES.c.id).where(NODES.c.state == NodeState.PENDING).limit(1)
+            return conn.execute(query).first() is not None
 
     def collect_now(self) -> None:
         """Make every collecting node that waits for company due now."""
