@@ -77,8 +77,12 @@ class Settings(BaseSettings):
     parallel_jobs: int | None = Field(
         None, ge=1, le=10_000, validation_alias="PIPELINE_PARALLEL_JOBS"
     )
+    # A safety pacing, not the plan's number (Scenario publishes none): generations are
+    # already held to the parallel-jobs cap and the pipeline spends about 1.3 requests per
+    # image, so 20/s keeps up with about 15 images a second (a 16-job plan on 1 s tool jobs);
+    # 10/s was the bottleneck of an 8-job plan on 1 s jobs. A 429 halves it fleet-wide.
     requests_per_second: float = Field(
-        10.0, gt=0, le=10_000, allow_inf_nan=False, validation_alias="PIPELINE_REQUESTS_PER_SECOND"
+        20.0, gt=0, le=10_000, allow_inf_nan=False, validation_alias="PIPELINE_REQUESTS_PER_SECOND"
     )
     max_job_attempts: int = Field(2, ge=1, le=100, validation_alias="PIPELINE_MAX_JOB_ATTEMPTS")
     # None: derived from the learned job durations (see stages.list_interval).
