@@ -44,7 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pipeline import nodes
-from pipeline.db import insert_many, make_sessionmaker, translate_errors
+from pipeline.db import insert_many, make_sessionmaker, serialized, translate_errors
 from pipeline.keys import compute_step_key
 from pipeline.models import (
     FINAL_ITEM_STATUSES,
@@ -516,20 +516,21 @@ class Repository:
     ) -> None:
         self.engine = engine
         self._sessions = make_sessionmaker(engine)
+        self._serial = serialized(engine)
         self.now = clock
         self.policy = policy or Policy()
         self.rng = rng or random.Random()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        with translate_errors(), self._sessions.begin() as session:
+        with self._serial, translate_errors(), self._sessions.begin() as session:
             yield session
 
     @contextmanager
     def _core(self) -> Iterator[Connection]:
         """A transaction on a plain connection, for the hot paths: they read and write
         columns, and an ORM session would cost them more CPU than the database does."""
-        with translate_errors(), self.engine.begin() as conn:
+        with self._serial, translate_errors(), self.engine.begin() as conn:
             yield conn
 
     def session(self) -> Any:
