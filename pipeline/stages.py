@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -79,8 +80,7 @@ class Tuning:
     straggler_default: float = 20.0  # a job the list never showed gets its own GET after 3x
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
-    submit_batch: int = 10  # nodes per submit task at most (their SQL is batched)
-    submit_spread: int = 8  # ... but a dispatch makes at least this many tasks: POSTs in parallel
+    submit_batch: int = 10  # nodes per submit task at most (their SQL is batched, POSTs parallel)
     collect_batch: int = 25  # nodes per collect task (one get-bulk for all their assets)
     # Gather finished nodes up to this long into one collect task: a finished job holds no
     # slot and its children are already spawned, so storing later costs nothing but one
@@ -152,9 +152,10 @@ def submit_nodes(
     news, however long its task waited in the queue.
 
     The claims, the reads and the intents of the whole batch take one transaction each;
-    then each node is POSTed on its own, its claim renewed right before unless it was taken
-    a moment ago, and the acceptances of quick POSTs are recorded together. A transient
-    error on one node (the database blinked) leaves it to its claim's expiry, not the others.
+    then the nodes are POSTed side by side, each claim renewed right before unless it was
+    taken a moment ago, and the acceptances of quick POSTs are recorded together. A
+    transient error on one node (the database blinked) leaves it to its claim's expiry,
+    not the others.
     """
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
     results = dict.fromkeys(node_ids, "not-claimed")
@@ -166,13 +167,30 @@ def submit_nodes(
     works = ctx.repo.submit_works(claimed)
     fresh = [w.node_id for w in works if w.open_intent_id is None and w.attempts < w.max_attempts]
     intents = ctx.repo.record_intents(fresh, owner) if fresh else {}
+
+    def one(work: SubmitWork) -> str:
+        try:
+            return _submit(ctx, work, owner, intents.get(work.node_id), batch)
+        except TransientError as exc:
+            logger.warning("submit of node %s deferred: %s", work.node_id, exc)
+            return "deferred"
+
     try:
-        for work in works:
-            try:
-                results[work.node_id] = _submit(ctx, work, owner, intents.get(work.node_id), batch)
-            except TransientError as exc:
-                logger.warning("submit of node %s deferred: %s", work.node_id, exc)
-                results[work.node_id] = "deferred"
+        if len(works) == 1:
+            results[works[0].node_id] = one(works[0])
+        else:
+            # The POSTs of a batch go out together: a freed group of slots is refilled at
+            # once, not one round trip after another. Every one is awaited before the
+            # acceptances are flushed, whatever happens to the others.
+            with ThreadPoolExecutor(len(works), thread_name_prefix="pipeline-post") as pool:
+                futures = {pool.submit(one, work): work.node_id for work in works}
+                waiting = set(futures)
+                while waiting:
+                    _, waiting = wait(waiting, timeout=QUICK_POST * 2)
+                    if waiting:  # a slow POST does not hold back the quick ones' records
+                        batch.flush(ctx)
+            for future, node_id in futures.items():
+                results[node_id] = future.result()  # re-raises an unexpected error
     finally:
         batch.flush(ctx)  # whatever happens, what Scenario accepted is recorded if it can be
     _count_acceptances(ctx, batch.accepted)
@@ -191,6 +209,7 @@ class _Batch:
     durations: dict[str, float | None] = field(default_factory=dict)
     accepted: Counter[str] = field(default_factory=Counter)
     unrecorded: list[tuple[int, Job, float | None, float]] = field(default_factory=list)
+    lock: threading.RLock = field(default_factory=threading.RLock)  # the POSTs run side by side
 
     def expected(self, ctx: Context, model: str) -> float | None:
         if model not in self.durations:
@@ -203,15 +222,21 @@ class _Batch:
         """A job Scenario accepted: recorded at once, or with the batch's next ones when its
         POST was quick (those follow within moments, and one transaction records them all)."""
         first_poll = next_poll_in(0.0, self.expected(ctx, model), 0, ctx.rng)
-        self.unrecorded.append((row_id, job, cost, first_poll))
-        if not quick:
-            self.flush(ctx)
+        with self.lock:
+            self.unrecorded.append((row_id, job, cost, first_poll))
+            if not quick:
+                self.flush(ctx)
+
+    def count(self, pool: str) -> None:
+        with self.lock:
+            self.accepted[pool] += 1
 
     def flush(self, ctx: Context) -> None:
-        if not self.unrecorded:
-            return
-        accepted, self.unrecorded = self.unrecorded, []
-        ctx.repo.record_accepted(accepted)
+        with self.lock:
+            if not self.unrecorded:
+                return
+            accepted, self.unrecorded = self.unrecorded, []
+            ctx.repo.record_accepted(accepted)
         finished = [(row_id, job) for row_id, job, _, _ in accepted if job.status.terminal]
         if finished:  # a reconciled job may have finished meanwhile
             ctx.repo.apply_jobs(finished)
@@ -303,7 +328,7 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
     found_cost = submission.job.cost
     billed = submission.creative_units
     budget.settle(ctx.repo, work.run_id, reserved, billed if billed is not None else found_cost)
-    batch.accepted[pool_of(work.endpoint)] += 1
+    batch.count(pool_of(work.endpoint))
     return "submitted"
 
 
@@ -401,13 +426,13 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     due = [j for j in jobs if j.due_at is None or j.due_at <= now]
     if not due:
         return report
-    # Jobs submitted together finish a little apart; waiting a few percent of their
-    # duration past the first one lets one list call see the whole group finished.
-    earliest = min(j.due_at or now for j in due)
-    window = (state.expected(ctx, due[0].model) or 0.0) * ctx.tuning.coalesce_fraction
+    # Jobs submitted together finish a little apart: the jobs due within a few percent of
+    # their duration after the first one are one group, and one list call, when the last
+    # of them is due, sees the whole group finished. A tight group costs no wait at all.
+    group_end = coalesced_until(ctx, state, jobs, now)
     mono = time.monotonic()
-    if now < earliest + timedelta(seconds=window):
-        state.window_until = mono + (earliest + timedelta(seconds=window) - now).total_seconds()
+    if now < group_end:
+        state.window_until = mono + (group_end - now).total_seconds()
         return report
     state.list_gap = list_interval(ctx, state, jobs)
     if mono - state.last_list_at < state.list_gap:
@@ -492,6 +517,17 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     return report
 
 
+def coalesced_until(
+    ctx: Context, state: SweeperState, jobs: Sequence[InFlightJob], now: datetime
+) -> datetime:
+    """When the group of the earliest due job is all due: the latest due time among the
+    jobs due within `coalesce_fraction` of its model's duration after it."""
+    earliest = min(j.due_at or now for j in jobs)
+    model = min(jobs, key=lambda j: j.due_at or now).model
+    window = timedelta(seconds=(state.expected(ctx, model) or 0.0) * ctx.tuning.coalesce_fraction)
+    return max(j.due_at or now for j in jobs if (j.due_at or now) <= earliest + window)
+
+
 def list_interval(ctx: Context, state: SweeperState, jobs: Sequence[InFlightJob]) -> float:
     """The least time between two list polls: a twentieth of the shortest job in flight.
 
@@ -550,7 +586,7 @@ class TickReport:
     collected: int = 0
     poll: PollReport = field(default_factory=PollReport)
     finished_runs: list[str] = field(default_factory=list)
-    full: bool = False  # every pool's slots were taken: due pending nodes wait for a slot
+    full: bool = False  # a pool's slots were all taken: its due pending nodes wait for one
 
 
 def sweep(ctx: Context, state: SweeperState) -> TickReport:
@@ -609,17 +645,15 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
                 ctx.caps.known(limits)
             ctx.caps.limits_asked(now)
     fresh = []
-    report.full = True
     for pool in POOLS:
         limit = ctx.caps.get(pool).limit(tuning.parallel_jobs)
         room = limit - in_use.get(pool, 0)
         handed = ctx.repo.dispatch_pending(room, pool)
         fresh += handed
-        report.full = report.full and len(handed) >= room
+        report.full = report.full or len(handed) >= room
     handed = resubmit + fresh
-    size = max(1, min(tuning.submit_batch, -(-len(handed) // tuning.submit_spread)))
-    for start in range(0, len(handed), size):
-        ctx.dispatch.submit(handed[start : start + size])
+    for start in range(0, len(handed), tuning.submit_batch):
+        ctx.dispatch.submit(handed[start : start + tuning.submit_batch])
     report.submitted = len(handed)
     if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
         # Runs end when their last node does; nodes finish in polls, collects and tasks.
@@ -709,8 +743,12 @@ class Sweeper:
             waits.append(max((due[NodeState.RUNNING] - now).total_seconds(), gate))
         if NodeState.COLLECTING in due:
             waits.append((due[NodeState.COLLECTING] - now).total_seconds())
-        if NodeState.PENDING in due and not report.full:  # full: a finished job wakes us
-            waits.append((due[NodeState.PENDING] - now).total_seconds())
+        if NodeState.PENDING in due:
+            # Pending nodes already due were all handed out unless their pool is full, and
+            # then a finished job wakes us: only a later timer (a retry's backoff) counts.
+            pending_in = (due[NodeState.PENDING] - now).total_seconds()
+            if pending_in > 0 or not report.full:
+                waits.append(pending_in)
         return min(max(min(waits), SWEEP_MIN_SLEEP), tick)
 
     def start(self) -> Sweeper:

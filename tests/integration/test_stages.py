@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,19 @@ from pipeline import db, reports
 from pipeline.errors import DatabaseTransientError
 from pipeline.keys import compute_item_key, compute_recipe_key
 from pipeline.models import ItemStatus
-from pipeline.repository import NewItem, Repository
+from pipeline.repository import InFlightJob, NewItem, Repository
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import ScenarioClient
-from pipeline.stages import Context, SweeperState, Tuning, collect_nodes, submit_nodes, sweep
+from pipeline.stages import (
+    Context,
+    Sweeper,
+    SweeperState,
+    Tuning,
+    coalesced_until,
+    collect_nodes,
+    submit_nodes,
+    sweep,
+)
 from pipeline.storage import open_storage
 
 MODEL = "model_test-image"
@@ -535,3 +546,91 @@ def test_a_key_that_may_read_its_plans_limits_is_never_refused(
     assert report_of(ctx, run_id)["status"] == "succeeded"
     assert sandbox.stats()["responses_429"]["parallel"] == 0
     assert ctx.caps.get("custom").value == 5 and ctx.caps.get("custom").known
+
+
+def test_a_batchs_posts_go_out_side_by_side(
+    ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots freed together are refilled together: one POST does not wait for another."""
+    record(ctx, [f"side by side {n}" for n in range(3)])
+    sweep(ctx, SweeperState(api_host="sandbox"))
+    handed = list(ctx.dispatch.submits)  # type: ignore[attr-defined]
+    generate = ctx.client.generate
+    lock = threading.Lock()
+    out = [0, 0]  # POSTs in flight now, most at once
+
+    def slow_generate(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            out[0] += 1
+            out[1] = max(out)
+        time.sleep(0.3)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            with lock:
+                out[0] -= 1
+
+    monkeypatch.setattr(ctx.client, "generate", slow_generate)
+    assert set(submit_nodes(ctx, handed).values()) == {"submitted"}
+    assert out[1] == 3
+    assert len(ctx.repo.in_flight_jobs()) == 3  # every acceptance recorded
+    stats = sandbox.stats()
+    assert stats["jobs_created"] == 3 and stats["duplicate_submissions"] == 0
+
+
+def test_a_slow_post_does_not_hold_back_the_records_of_quick_ones(
+    ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record(ctx, [f"one slow {n}" for n in range(3)])
+    sweep(ctx, SweeperState(api_host="sandbox"))
+    handed = list(ctx.dispatch.submits)  # type: ignore[attr-defined]
+    generate = ctx.client.generate
+    release = threading.Event()
+
+    def one_stuck(model: str, body: dict[str, Any], **kwargs: Any) -> Any:
+        if body["prompt"].endswith("0"):
+            release.wait(10)  # a POST the network holds up
+        return generate(model, body, **kwargs)
+
+    monkeypatch.setattr(ctx.client, "generate", one_stuck)
+    task = threading.Thread(target=submit_nodes, args=(ctx, handed))
+    task.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(ctx.repo.in_flight_jobs()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # The two quick jobs are recorded (and polled) while the slow POST is still out.
+        assert len(ctx.repo.in_flight_jobs()) == 2
+    finally:
+        release.set()
+        task.join(10)
+    assert len(ctx.repo.in_flight_jobs()) == 3
+    assert sandbox.stats()["duplicate_submissions"] == 0
+
+
+def test_a_tight_group_of_jobs_is_polled_when_its_last_is_due_not_later(ctx: Context) -> None:
+    """Jobs due within a few percent of their duration share one list call, which waits
+    for the last of them only, not a fixed window; a job due later is not waited for."""
+    state = SweeperState(api_host="sandbox")
+    state.expected_cache[MODEL] = (time.monotonic(), 3.0)  # jobs of 3 s: a 60 ms window
+    now = ctx.now()
+
+    def job(n: int, due_ms: int) -> InFlightJob:
+        due = now + timedelta(milliseconds=due_ms)
+        return InFlightJob(n, f"job-{n}", n, MODEL, "custom", 0, now, due, 1)
+
+    group = [job(1, 0), job(2, 4), job(3, 9), job(4, 200)]
+    assert coalesced_until(ctx, state, group, now) == now + timedelta(milliseconds=9)
+    assert coalesced_until(ctx, state, group[:1], now) == now
+
+
+def test_a_full_pool_does_not_keep_the_sweeper_spinning(ctx: Context, sandbox: Sandbox) -> None:
+    """Pending nodes waiting for a slot wake nobody: a finished job frees it (and the
+    sweeper polls for that on its own timer); an empty other pool changes nothing."""
+    record(ctx, [f"waiting {n}" for n in range(5)])
+    sweeper = Sweeper(ctx, sandbox.url)
+    first = sweeper.tick()
+    assert first.submitted == 3 and first.full
+    second = sweeper.tick()
+    assert second.submitted == 0 and second.full
+    assert sweeper._sleep_after(second) == ctx.tuning.tick
