@@ -13,7 +13,7 @@ can be learned safely:
   accepted jobs, not the ones still being sent, keeps a probe to one step past what the
   API has shown it takes: one or two refusals, not a burst of them;
 - after the first refusal, grow only by one per `ROUNDS_PER_PROBE` full rounds of the cap,
-  so probing costs a refusal every few hundred jobs, not every few.
+  so probing costs a refusal every hundred jobs or more, not every few.
 
 `PIPELINE_PARALLEL_JOBS`, when set, is a ceiling the cap never passes. The state is one
 small JSON value per (API key, pool) in SQL, shared by every worker and kept across runs;
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 INITIAL = 4  # the cap of an API key we know nothing about
-ROUNDS_PER_PROBE = 4
+ROUNDS_PER_PROBE = 16  # at a cap of 8: one probe (one free refusal) per 128 jobs
 LIMITS_TTL = 24 * 3600.0  # the plan's limits are asked for at most this often per API key
 POOLS = ("custom", "inference")
 

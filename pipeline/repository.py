@@ -1292,11 +1292,16 @@ class Repository:
             query = select(NODES.c.id).where(NODES.c.state == NodeState.PENDING).limit(1)
             return conn.execute(query).first() is not None
 
-    def collect_now(self) -> None:
-        """Make every collecting node that waits for company due now."""
+    def collect_now(self, limit: int | None = None) -> None:
+        """Make the collecting nodes that wait for company due now: all of them, or the
+        `limit` that finished first."""
         now = self.now()
+        which = list(_gathering(now))
+        if limit is not None:
+            first = select(NODES.c.id).where(*which).order_by(NODES.c.due_at, NODES.c.id)
+            which = [NODES.c.id.in_(first.limit(limit).scalar_subquery())]
         with self._core() as conn:
-            conn.execute(update(NODES).where(*_gathering(now)).values(due_at=now))
+            conn.execute(update(NODES).where(*which).values(due_at=now))
 
     def in_flight_jobs(self) -> list[InFlightJob]:
         """Every submitted job of a running node that has not reached a terminal status."""

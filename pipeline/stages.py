@@ -488,8 +488,9 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
         except (TransientError, ApiPermanentError) as exc:
             logger.warning("poll of job %s failed: %s", job_id, exc)
     finishing = [j for j in jobs if (p := seen.get(j.scenario_job_id)) and p.status.terminal]
-    # Nothing else is about to finish: collect what finished now rather than in a batch.
-    collect_now = len(finishing) == len(jobs)
+    # Nothing else is about to finish or to start: collect what finished now rather than
+    # in a batch. (A whole wave finishing together while more work waits is no such case.)
+    collect_now = len(finishing) == len(jobs) and not ctx.repo.pending_waits()
     changed: list[tuple[int, Job]] = []
     schedule: dict[tuple[int, int], datetime] = {}
     for j in jobs:
@@ -618,17 +619,16 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     in_use = ctx.repo.slots_by_pool()
     in_flight = sum(in_use.values())
     gathering = ctx.repo.collecting_waiting()
-    if gathering and (
-        gathering >= tuning.collect_batch
-        or in_flight == 0
-        or (gathering > in_flight and not ctx.repo.pending_waits())
-    ):
-        # A full batch; nothing else to finish and share a get-bulk with; or only the last
-        # jobs in flight and more waiting than they will add (storing it now overlaps their
-        # run time): collect what waits, now.
+    full = gathering - gathering % tuning.collect_batch
+    if full:
+        # Full batches go now, the first finished first; the rest waits for company.
+        ctx.repo.collect_now(full)
+    elif gathering and (in_flight == 0 or gathering > in_flight) and not ctx.repo.pending_waits():
+        # Nothing else to finish and share a get-bulk with, or only the last jobs in flight
+        # and more waiting than they will add (storing it now overlaps their run time).
         ctx.repo.collect_now()
     to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
-    if to_collect:
+    if to_collect and not full:
         # The oldest finished node has waited long enough: take everyone waiting with it.
         ctx.repo.collect_now()
         to_collect += ctx.repo.due_for_tasks(NodeState.COLLECTING)

@@ -634,3 +634,26 @@ def test_a_full_pool_does_not_keep_the_sweeper_spinning(ctx: Context, sandbox: S
     second = sweeper.tick()
     assert second.submitted == 0 and second.full
     assert sweeper._sleep_after(second) == ctx.tuning.tick
+
+
+def test_finished_jobs_are_collected_in_full_batches_while_more_work_comes(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """One get-bulk per batch: a wave finishing together while more items wait is not
+    collected on its own; only the run's last batch goes out short."""
+    sandbox.configure(latency=0.3)
+    ctx.tuning = dataclasses.replace(
+        ctx.tuning, parallel_jobs=4, collect_batch=3, collect_delay=30.0
+    )
+    ctx.repo.policy = ctx.tuning.policy()
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, QueueDispatcher)
+    batches: list[int] = []
+    collect = dispatcher.collect
+    dispatcher.collect = lambda ids: (batches.append(len(ids)), collect(ids))  # type: ignore[method-assign]
+    run_id = record(ctx, [f"batched {n}" for n in range(8)])
+    drain(ctx, SweeperState(api_host="sandbox"), timeout=30)
+    assert report_of(ctx, run_id)["status"] == "succeeded"
+    assert sum(batches) == 8
+    assert batches[:-1] == [3] * (len(batches) - 1) and len(batches) == 3
+    assert sandbox.stats()["requests"]["POST /assets/get-bulk"] == 3
