@@ -97,8 +97,10 @@ def _sqlite_path_problem(database: str | None) -> str | None:
     return None
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys."""
+def make_engine(url: str, *, threads: int = 5) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys. A server
+    database keeps a connection for each of the `threads` that use the engine at once (a
+    worker's task threads and its sweeper): fewer would open and close one per task."""
     problem = url_problem(url)
     if problem:
         raise ConfigError(f"PIPELINE_DATABASE_URL={shorten(safe_url(url))}: {problem}")
@@ -118,7 +120,7 @@ def make_engine(url: str) -> Engine:
                     f"{shorten(str(folder))}: {exc.strerror or exc}"
                 ) from None
     else:
-        kwargs.update(pool_size=5, max_overflow=5, pool_recycle=1800, pool_pre_ping=True)
+        kwargs.update(pool_size=threads, max_overflow=5, pool_recycle=1800, pool_pre_ping=True)
         kwargs["connect_args"] = {"connect_timeout": 5}
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":

@@ -87,7 +87,7 @@ def build_context(s: Settings, tuning: Tuning, engine: Engine | None = None) -> 
     storage = open_storage(
         s.storage_url, public_base_url=s.public_base_url, endpoint_url=s.s3_endpoint_url
     )
-    repo = Repository(engine or db.make_engine(s.database_url))
+    repo = Repository(engine or db.make_engine(s.database_url, threads=s.worker_concurrency + 2))
     return Context(
         repo=repo,
         client=client,

@@ -49,7 +49,7 @@ LIST_INTERVAL_MAX = 1.0
 SWEEP_MIN_SLEEP = 0.02
 RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
 FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed before its POST
-QUICK_POST = 0.05  # seconds: a POST answered this fast has its acceptance recorded with the next
+RECORD_EVERY = 0.1  # seconds: how often a batch records the acceptances of its POSTs
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -153,7 +153,7 @@ def submit_nodes(
 
     The claims, the reads and the intents of the whole batch take one transaction each;
     then the nodes are POSTed side by side, each claim renewed right before unless it was
-    taken a moment ago, and the acceptances of quick POSTs are recorded together. A
+    taken a moment ago, and the acceptances are recorded together by the task's thread. A
     transient error on one node (the database blinked) leaves it to its claim's expiry,
     not the others.
     """
@@ -175,6 +175,8 @@ def submit_nodes(
             logger.warning("submit of node %s deferred: %s", work.node_id, exc)
             return "deferred"
 
+    for work in works:
+        batch.expected(ctx, work.model)  # read here, not by each POST's thread
     try:
         if len(works) == 1:
             results[works[0].node_id] = one(works[0])
@@ -186,7 +188,7 @@ def submit_nodes(
                 futures = {pool.submit(one, work): work.node_id for work in works}
                 waiting = set(futures)
                 while waiting:
-                    _, waiting = wait(waiting, timeout=QUICK_POST * 2)
+                    _, waiting = wait(waiting, timeout=RECORD_EVERY)
                     if waiting:  # a slow POST does not hold back the quick ones' records
                         batch.flush(ctx)
             for future, node_id in futures.items():
@@ -202,12 +204,14 @@ def submit_nodes(
 @dataclass
 class _Batch:
     """What the nodes of one submit task share: model durations, read once; acceptances,
-    counted per pool, and recorded together when the POSTs are quick."""
+    counted per pool, and recorded together: one transaction for the POSTs answered
+    within `RECORD_EVERY` of each other, written by the task's own thread."""
 
     claimed_at: float  # monotonic, taken before the claims were written
     dispatched_at: float | None = None  # epoch seconds, when the sweeper handed them out
     durations: dict[str, float | None] = field(default_factory=dict)
     accepted: Counter[str] = field(default_factory=Counter)
+    # (job row, job, cost, monotonic time its first poll is due), not yet written
     unrecorded: list[tuple[int, Job, float | None, float]] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)  # the POSTs run side by side
 
@@ -216,16 +220,11 @@ class _Batch:
             self.durations[model] = ctx.repo.expected_duration(model)
         return self.durations[model]
 
-    def accept(
-        self, ctx: Context, row_id: int, model: str, job: Job, cost: float | None, quick: bool
-    ) -> None:
-        """A job Scenario accepted: recorded at once, or with the batch's next ones when its
-        POST was quick (those follow within moments, and one transaction records them all)."""
+    def accept(self, ctx: Context, row_id: int, model: str, job: Job, cost: float | None) -> None:
+        """A job Scenario accepted: recorded by the next flush."""
         first_poll = next_poll_in(0.0, self.expected(ctx, model), 0, ctx.rng)
         with self.lock:
-            self.unrecorded.append((row_id, job, cost, first_poll))
-            if not quick:
-                self.flush(ctx)
+            self.unrecorded.append((row_id, job, cost, time.monotonic() + first_poll))
 
     def count(self, pool: str) -> None:
         with self.lock:
@@ -235,7 +234,9 @@ class _Batch:
         with self.lock:
             if not self.unrecorded:
                 return
-            accepted, self.unrecorded = self.unrecorded, []
+            mono = time.monotonic()  # the first poll is due as long after the answer as if
+            accepted = [(r, j, c, max(0.0, due - mono)) for r, j, c, due in self.unrecorded]
+            self.unrecorded = []  # it had been recorded at once
             ctx.repo.record_accepted(accepted)
         finished = [(row_id, job) for row_id, job, _, _ in accepted if job.status.terminal]
         if finished:  # a reconciled job may have finished meanwhile
@@ -258,7 +259,7 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
             ctx.repo.fail_run(work.run_id, _auth_message(exc))
             return "auth-failed"
         if found is not None:
-            batch.accept(ctx, work.open_intent_id, work.model, found, found.cost, quick=False)
+            batch.accept(ctx, work.open_intent_id, work.model, found, found.cost)
             budget.settle(ctx.repo, work.run_id, 0.0, found.cost)
             logger.info("node %s: reconciled with existing job %s", node_id, found.id)
             return "reconciled"
@@ -288,7 +289,6 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
             raise _ClaimLost(node_id)
 
     handed_at = min(batch.dispatched_at or float("inf"), ctx.now().timestamp())
-    started = time.monotonic()
     try:
         with budget.held(ctx.repo, work.run_id, reserved):  # released unless accepted
             submission = ctx.client.generate(
@@ -323,8 +323,7 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
     except ApiPermanentError as exc:
         ctx.repo.record_refused(row_id, nodes.Refused(str(exc), exc.hint))
         return "rejected"
-    quick = time.monotonic() - started < QUICK_POST
-    batch.accept(ctx, row_id, work.model, submission.job, submission.creative_units, quick)
+    batch.accept(ctx, row_id, work.model, submission.job, submission.creative_units)
     found_cost = submission.job.cost
     billed = submission.creative_units
     budget.settle(ctx.repo, work.run_id, reserved, billed if billed is not None else found_cost)
