@@ -399,7 +399,7 @@ def next_poll_in(
             return poll_delay(elapsed=0.0, expected=None, polls=0, rng=rng) / 4
         return min(max(0.2 * elapsed, 0.25), POLL_CAP)
     if elapsed < expected:
-        return max(0.05, expected - elapsed + min(0.005 * expected + 0.01, 0.25))
+        return max(0.05, expected - elapsed + min(0.0025 * expected + 0.005, 0.25))
     step = max(0.05 * expected, 0.5 * (elapsed - expected))
     jitter = 1.0 + (rng.uniform(-0.1, 0.1) if rng else 0.0)
     return min(step * jitter, POLL_CAP)
