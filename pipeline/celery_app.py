@@ -40,7 +40,7 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": (
-            {"polling_interval": 0.01}
+            {"polling_interval": 0.005}
             if memory
             else {"visibility_timeout": 300, "socket_timeout": 5, "socket_connect_timeout": 5}
         ),

@@ -47,6 +47,7 @@ POLL_CAP = 30.0  # never leave a job unlooked-at longer than this
 LIST_INTERVAL_MIN = 0.1
 LIST_INTERVAL_MAX = 1.0
 SWEEP_MIN_SLEEP = 0.02
+POLL_MIN_SLEEP = 0.001  # the least wait for a poll that is due to the millisecond
 RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
 FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed before its POST
 RECORD_EVERY = 0.1  # seconds: how often a batch records the acceptances of its POSTs
@@ -413,6 +414,7 @@ class PollReport:
     direct_calls: int = 0
     finished: list[int] = field(default_factory=list)  # node ids now collecting or done
     failed: int = 0
+    group_until: float | None = None  # monotonic: the poll waits for a group's last job
 
 
 def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
@@ -431,7 +433,7 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     group_end = coalesced_until(ctx, state, jobs, now)
     mono = time.monotonic()
     if now < group_end:
-        state.window_until = mono + (group_end - now).total_seconds()
+        state.window_until = report.group_until = mono + (group_end - now).total_seconds()
         return report
     state.list_gap = list_interval(ctx, state, jobs)
     if mono - state.last_list_at < state.list_gap:
@@ -616,24 +618,6 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
     in_use = ctx.repo.slots_by_pool()
-    in_flight = sum(in_use.values())
-    gathering = ctx.repo.collecting_waiting()
-    full = gathering - gathering % tuning.collect_batch
-    if full:
-        # Full batches go now, the first finished first; the rest waits for company.
-        ctx.repo.collect_now(full)
-    elif gathering and (in_flight == 0 or gathering > in_flight) and not ctx.repo.pending_waits():
-        # Nothing else to finish and share a get-bulk with, or only the last jobs in flight
-        # and more waiting than they will add (storing it now overlaps their run time).
-        ctx.repo.collect_now()
-    to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
-    if to_collect and not full:
-        # The oldest finished node has waited long enough: take everyone waiting with it.
-        ctx.repo.collect_now()
-        to_collect += ctx.repo.due_for_tasks(NodeState.COLLECTING)
-    for start in range(0, len(to_collect), tuning.collect_batch):
-        ctx.dispatch.collect(to_collect[start : start + tuning.collect_batch])
-    report.collected = len(to_collect)
     resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)
     if not state.limits_read:
         state.limits_read = True
@@ -654,6 +638,26 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     for start in range(0, len(handed), tuning.submit_batch):
         ctx.dispatch.submit(handed[start : start + tuning.submit_batch])
     report.submitted = len(handed)
+    # Collections after submissions: a freed slot is refilled first, its outputs stored
+    # while the next job runs.
+    in_flight = sum(in_use.values()) + len(handed)
+    gathering = ctx.repo.collecting_waiting()
+    full = gathering - gathering % tuning.collect_batch
+    if full:
+        # Full batches go now, the first finished first; the rest waits for company.
+        ctx.repo.collect_now(full)
+    elif gathering and (in_flight == 0 or gathering > in_flight) and not ctx.repo.pending_waits():
+        # Nothing else to finish and share a get-bulk with, or only the last jobs in flight
+        # and more waiting than they will add (storing it now overlaps their run time).
+        ctx.repo.collect_now()
+    to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
+    if to_collect and not full:
+        # The oldest finished node has waited long enough: take everyone waiting with it.
+        ctx.repo.collect_now()
+        to_collect += ctx.repo.due_for_tasks(NodeState.COLLECTING)
+    for start in range(0, len(to_collect), tuning.collect_batch):
+        ctx.dispatch.collect(to_collect[start : start + tuning.collect_batch])
+    report.collected = len(to_collect)
     if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
         # Runs end when their last node does; nodes finish in polls, collects and tasks.
         state.runs_at = mono + RUNS_REFRESH
@@ -748,7 +752,13 @@ class Sweeper:
             pending_in = (due[NodeState.PENDING] - now).total_seconds()
             if pending_in > 0 or not report.full:
                 waits.append(pending_in)
-        return min(max(min(waits), SWEEP_MIN_SLEEP), tick)
+        soonest = min(max(min(waits), SWEEP_MIN_SLEEP), tick)
+        if report.poll.group_until is not None:
+            # The poll waits for the last job of a group finishing together: it is due to
+            # the millisecond, and every one of them freed a slot that waits for the poll.
+            group_in = report.poll.group_until - time.monotonic()
+            soonest = min(soonest, max(group_in, POLL_MIN_SLEEP))
+        return soonest
 
     def start(self) -> Sweeper:
         self._thread = threading.Thread(target=self.run, name="pipeline-sweeper", daemon=True)

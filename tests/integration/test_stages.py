@@ -27,6 +27,7 @@ from pipeline.repository import InFlightJob, NewItem, Repository
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import ScenarioClient
 from pipeline.stages import (
+    SWEEP_MIN_SLEEP,
     Context,
     Sweeper,
     SweeperState,
@@ -514,7 +515,8 @@ def test_an_intermediate_step_is_stored_only_where_it_has_an_output(
 
 def test_the_plans_cap_is_learned_without_being_configured(ctx: Context, sandbox: Sandbox) -> None:
     """P is unknown to the pipeline: it grows until the API refuses, then holds there."""
-    sandbox.configure(parallel_jobs=6, latency=0.4)
+    # Jobs long enough for 6 to be in flight at once even on a busy machine.
+    sandbox.configure(parallel_jobs=6, latency=1.0)
     ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=None)
     run_id = record(ctx, [f"icon {n}" for n in range(30)])
     drain(ctx, SweeperState(api_host="sandbox"), timeout=60)
@@ -634,6 +636,32 @@ def test_a_full_pool_does_not_keep_the_sweeper_spinning(ctx: Context, sandbox: S
     second = sweeper.tick()
     assert second.submitted == 0 and second.full
     assert sweeper._sleep_after(second) == ctx.tuning.tick
+
+
+def test_a_poll_waiting_for_a_groups_last_job_sleeps_until_it_is_due(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """Every job of a group that finished freed a slot: the sweeper looks when the last
+    one is due, to the millisecond, not after its usual least sleep."""
+    record(ctx, [f"grouped {n}" for n in range(2)])
+    sweeper = Sweeper(ctx, sandbox.url)
+    sweeper.tick()
+    submit_nodes(ctx, list(ctx.dispatch.submits))  # type: ignore[attr-defined]
+    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
+    sweeper.state.expected_cache[MODEL] = (time.monotonic(), 3.0)  # a 60 ms group window
+    now = ctx.now()
+    ctx.repo.schedule_polls(
+        {
+            (first.row_id, first.node_id): now - timedelta(milliseconds=5),
+            (second.row_id, second.node_id): now + timedelta(milliseconds=50),
+        }
+    )
+    report = sweeper.tick()
+    assert report.poll.list_calls == 0 and report.poll.group_until is not None
+    time.sleep(max(0.0, report.poll.group_until - time.monotonic() - 0.008))
+    pause = sweeper._sleep_after(report)  # the last job is due in about 8 ms
+    assert 0 < pause < SWEEP_MIN_SLEEP
+    assert pause == pytest.approx(report.poll.group_until - time.monotonic(), abs=0.005)
 
 
 def test_finished_jobs_are_collected_in_full_batches_while_more_work_comes(
