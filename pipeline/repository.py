@@ -1330,6 +1330,12 @@ class Repository:
         on when we happened to look: a duration inflated by our polling would push the
         next first poll later, and the one after later still.
         """
+        durations = self.duration_samples(model, sample)
+        return durations[len(durations) // 2] if durations else None
+
+    def duration_samples(self, model: str, sample: int = 20) -> list[float]:
+        """Seconds from creation to success of this model's recent jobs, sorted (Scenario's
+        own timestamps, as `expected_duration`): how widely its jobs vary."""
         with self._core() as s:
             rows = s.execute(
                 select(JOBS.c.remote_created_at, JOBS.c.remote_updated_at)
@@ -1342,8 +1348,7 @@ class Repository:
                 .order_by(JOBS.c.id.desc())
                 .limit(sample)
             ).all()
-        durations = sorted((f - a).total_seconds() for a, f in rows if a and f)
-        return durations[len(durations) // 2] if durations else None
+        return sorted((f - a).total_seconds() for a, f in rows if a and f)
 
     def schedule_polls(self, schedule: dict[tuple[int, int], datetime]) -> None:
         """Set the next look at running jobs: {(job row id, node id): when} (a poll counted)."""

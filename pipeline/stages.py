@@ -406,6 +406,36 @@ def next_poll_in(
     return min(step * jitter, POLL_CAP)
 
 
+def next_list_in(jobs: Sequence[tuple[float, Sequence[float]]], window: float) -> float | None:
+    """Seconds until the jobs in flight are expected to hold one finish the last list has
+    not seen (pure); None if no job has a learned duration still ahead of it.
+
+    `jobs` are (age, sorted recent durations of its model) for jobs seen running just now.
+    Each job's finish is spread over the durations above its age, evenly: a model whose
+    jobs all take 3 s puts all of it at 3 s, one that varies ±30% spreads it over 1.8 s.
+    The list is asked when one finish is expected (half of one for a lone job, so a last
+    job is looked at near its median, then the median of what is left), and the jobs
+    expected within `window` after that are waited for: a tight group costs one call.
+    """
+    events: list[tuple[float, float]] = []
+    holders = 0
+    for age, durations in jobs:
+        ahead = [d - age for d in durations if d > age]
+        if ahead:
+            holders += 1
+            events += [(offset, 1.0 / len(ahead)) for offset in ahead]
+    if not events:
+        return None
+    events.sort()
+    target = min(1.0, 0.5 * holders) - 1e-9
+    total = 0.0
+    for offset, weight in events:
+        total += weight
+        if total >= target:
+            return max(o for o, _ in events if o <= offset + window)
+    return events[-1][0]  # unreachable: every holder's weights sum to one
+
+
 @dataclass
 class PollReport:
     """What one poll pass saw (for logs, tests and the benchmark)."""
@@ -494,6 +524,22 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     collect_now = len(finishing) == len(jobs) and not ctx.repo.pending_waits()
     changed: list[tuple[int, Job]] = []
     schedule: dict[tuple[int, int], datetime] = {}
+    # One list call sees every job: it is asked when one new finish is expected among the
+    # jobs still running, from how long their models' jobs took (their spread included).
+    running = [
+        j for j in jobs if (p := seen.get(j.scenario_job_id)) is not None and not p.status.terminal
+    ]
+    ahead = next_list_in(
+        [((now - j.accepted_at).total_seconds(), state.samples(ctx, j.model)) for j in running],
+        window=min(
+            (
+                d * ctx.tuning.coalesce_fraction
+                for m in {j.model for j in running}
+                if (d := state.expected(ctx, m))
+            ),
+            default=0.0,
+        ),
+    )
     for j in jobs:
         polled = seen.get(j.scenario_job_id)
         if polled is not None and polled.status.terminal:
@@ -505,9 +551,10 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
             changed.append((j.row_id, polled))  # a new status (queued -> in-progress ...)
         expected = state.expected(ctx, j.model)
         elapsed = (now - j.accepted_at).total_seconds()
-        schedule[(j.row_id, j.node_id)] = now + timedelta(
-            seconds=next_poll_in(elapsed, expected, j.polls)
-        )
+        delay = next_poll_in(elapsed, expected, j.polls)
+        if ahead is not None and expected and any(d > elapsed for d in state.samples(ctx, j.model)):
+            delay = ahead + min(0.0025 * expected + 0.005, 0.25)  # past the finish, as a first look
+        schedule[(j.row_id, j.node_id)] = now + timedelta(seconds=delay)
     moved = ctx.repo.apply_jobs(changed, collect_now=collect_now) if changed else {}
     for j in finishing:
         new_state = moved.get(j.row_id)
@@ -568,6 +615,7 @@ class SweeperState:
     lease_retry_at: float = float("-inf")  # another sweeper holds it: not asked before this
     runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
     expected_cache: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    samples_cache: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
 
     def expected(self, ctx: Context, model: str) -> float | None:
         """A model's learned job duration, re-read every few seconds (soon while unknown:
@@ -577,6 +625,14 @@ class SweeperState:
             value = ctx.repo.expected_duration(model)
             self.expected_cache[model] = (time.monotonic(), value)
         return value
+
+    def samples(self, ctx: Context, model: str) -> list[float]:
+        """A model's recent job durations, sorted; re-read as often as `expected`."""
+        at, values = self.samples_cache.get(model, (float("-inf"), []))
+        if time.monotonic() - at > (5.0 if values else 0.25):
+            values = ctx.repo.duration_samples(model)
+            self.samples_cache[model] = (time.monotonic(), values)
+        return values
 
 
 @dataclass

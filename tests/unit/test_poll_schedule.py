@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pipeline.stages import POLL_CAP, next_poll_in
+from pipeline.stages import POLL_CAP, next_list_in, next_poll_in
 
 
 @pytest.mark.parametrize("expected", [1.0, 3.0, 10.0, 40.0])
@@ -35,3 +35,33 @@ def test_without_a_known_duration_looks_come_at_a_fifth_of_the_age() -> None:
     assert next_poll_in(1.0, None, 1) == 0.25  # never closer than a quarter second
     assert next_poll_in(10.0, None, 5) == pytest.approx(2.0)
     assert next_poll_in(1e6, None, 50) == POLL_CAP
+
+
+# -- when the one list call for every job in flight is asked (`stages.next_list_in`) ------
+
+
+def test_jobs_that_always_take_the_same_time_are_listed_when_the_first_should_end() -> None:
+    same = [3.0] * 20
+    # Three jobs accepted 0, 10 and 500 ms apart: the first two share one call.
+    ahead = next_list_in([(1.0, same), (0.99, same), (0.5, same)], window=0.06)
+    assert ahead == pytest.approx(2.01)
+
+
+def test_varying_jobs_are_listed_when_one_finish_is_expected_not_at_each_median() -> None:
+    spread = [2.1 + 0.09 * n for n in range(21)]  # 2.1 s to 3.9 s, evenly
+    eight = [(0.0, spread)] * 8  # a wave just submitted
+    ahead = next_list_in(eight, window=0.0)
+    assert ahead is not None
+    # One finish among eight is expected early in the spread, long before the median.
+    assert 2.1 <= ahead < 2.5
+    # A lone job is looked at near its median, then near the median of what is left.
+    lone = next_list_in([(0.0, spread)], window=0.0)
+    assert lone == pytest.approx(3.0, abs=0.1)
+    later = next_list_in([(3.0, spread)], window=0.0)
+    assert later is not None and 0.3 < later < 0.6
+
+
+def test_no_list_is_planned_for_jobs_past_every_known_duration_or_without_one() -> None:
+    assert next_list_in([(5.0, [3.0] * 20)], window=0.06) is None
+    assert next_list_in([(1.0, [])], window=0.06) is None
+    assert next_list_in([], window=0.06) is None
