@@ -524,19 +524,21 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     collect_now = len(finishing) == len(jobs) and not ctx.repo.pending_waits()
     changed: list[tuple[int, Job]] = []
     schedule: dict[tuple[int, int], datetime] = {}
-    # One list call sees every job: it is asked when one new finish is expected among the
-    # jobs still running, from how long their models' jobs took (their spread included).
-    running = [
-        j for j in jobs if (p := seen.get(j.scenario_job_id)) is not None and not p.status.terminal
-    ]
+    # A model whose jobs take the same time has each job looked at when it should end (a
+    # group finishing together shares the call). For models whose jobs vary, the one list
+    # call that sees every job is asked when one new finish is expected among them: a look
+    # at each job's median and every list gap after it would cost a call per job, or more.
+    varying = {m for m in {j.model for j in jobs} if _varies(ctx, state, m)}
     ahead = next_list_in(
-        [((now - j.accepted_at).total_seconds(), state.samples(ctx, j.model)) for j in running],
+        [
+            ((now - j.accepted_at).total_seconds(), state.samples(ctx, j.model))
+            for j in jobs
+            if j.model in varying
+            and (p := seen.get(j.scenario_job_id)) is not None
+            and not p.status.terminal
+        ],
         window=min(
-            (
-                d * ctx.tuning.coalesce_fraction
-                for m in {j.model for j in running}
-                if (d := state.expected(ctx, m))
-            ),
+            (d * ctx.tuning.coalesce_fraction for m in varying if (d := state.expected(ctx, m))),
             default=0.0,
         ),
     )
@@ -552,8 +554,10 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
         expected = state.expected(ctx, j.model)
         elapsed = (now - j.accepted_at).total_seconds()
         delay = next_poll_in(elapsed, expected, j.polls)
-        if ahead is not None and expected and any(d > elapsed for d in state.samples(ctx, j.model)):
-            delay = ahead + min(0.0025 * expected + 0.005, 0.25)  # past the finish, as a first look
+        if ahead is not None and j.model in varying and state.samples(ctx, j.model)[-1] > elapsed:
+            delay = ahead + min(
+                0.0025 * (expected or 0.0) + 0.005, 0.25
+            )  # past the finish, as a first look
         schedule[(j.row_id, j.node_id)] = now + timedelta(seconds=delay)
     moved = ctx.repo.apply_jobs(changed, collect_now=collect_now) if changed else {}
     for j in finishing:
@@ -575,6 +579,14 @@ def coalesced_until(
     model = min(jobs, key=lambda j: j.due_at or now).model
     window = timedelta(seconds=(state.expected(ctx, model) or 0.0) * ctx.tuning.coalesce_fraction)
     return max(j.due_at or now for j in jobs if (j.due_at or now) <= earliest + window)
+
+
+def _varies(ctx: Context, state: SweeperState, model: str) -> bool:
+    """Whether a model's recent jobs took times further apart than a group window."""
+    samples, expected = state.samples(ctx, model), state.expected(ctx, model)
+    if not samples or not expected:
+        return False
+    return samples[-1] - samples[0] > expected * ctx.tuning.coalesce_fraction
 
 
 def list_interval(ctx: Context, state: SweeperState, jobs: Sequence[InFlightJob]) -> float:
