@@ -384,6 +384,12 @@ def _auth_message(exc: Exception) -> str:
 # -- polling -----------------------------------------------------------------------------
 
 
+def first_look_margin(expected: float) -> float:
+    """How long past a job's expected finish it is first looked at (our clock starts when
+    the POST answered, a little after Scenario's; the margin absorbs the rest)."""
+    return min(0.0025 * expected + 0.005, 0.25)
+
+
 def next_poll_in(
     elapsed: float, expected: float | None, polls: int, rng: random.Random | None = None
 ) -> float:
@@ -400,7 +406,7 @@ def next_poll_in(
             return poll_delay(elapsed=0.0, expected=None, polls=0, rng=rng) / 4
         return min(max(0.2 * elapsed, 0.25), POLL_CAP)
     if elapsed < expected:
-        return max(0.05, expected - elapsed + min(0.0025 * expected + 0.005, 0.25))
+        return max(0.05, expected - elapsed + first_look_margin(expected))
     step = max(0.05 * expected, 0.5 * (elapsed - expected))
     jitter = 1.0 + (rng.uniform(-0.1, 0.1) if rng else 0.0)
     return min(step * jitter, POLL_CAP)
@@ -554,10 +560,9 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
         expected = state.expected(ctx, j.model)
         elapsed = (now - j.accepted_at).total_seconds()
         delay = next_poll_in(elapsed, expected, j.polls)
-        if ahead is not None and j.model in varying and state.samples(ctx, j.model)[-1] > elapsed:
-            delay = ahead + min(
-                0.0025 * (expected or 0.0) + 0.005, 0.25
-            )  # past the finish, as a first look
+        ahead_of_it = j.model in varying and state.samples(ctx, j.model)[-1] > elapsed
+        if ahead is not None and expected and ahead_of_it:  # not past every known duration
+            delay = ahead + first_look_margin(expected)
         schedule[(j.row_id, j.node_id)] = now + timedelta(seconds=delay)
     moved = ctx.repo.apply_jobs(changed, collect_now=collect_now) if changed else {}
     for j in finishing:
@@ -626,25 +631,22 @@ class SweeperState:
     lease_renew_at: float = float("-inf")  # monotonic time to renew the sweeper lease
     lease_retry_at: float = float("-inf")  # another sweeper holds it: not asked before this
     runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
-    expected_cache: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     samples_cache: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
 
-    def expected(self, ctx: Context, model: str) -> float | None:
-        """A model's learned job duration, re-read every few seconds (soon while unknown:
-        the first jobs of a model teach it, and every poll after them depends on it)."""
-        at, value = self.expected_cache.get(model, (float("-inf"), None))
-        if time.monotonic() - at > (5.0 if value is not None else 0.25):
-            value = ctx.repo.expected_duration(model)
-            self.expected_cache[model] = (time.monotonic(), value)
-        return value
-
     def samples(self, ctx: Context, model: str) -> list[float]:
-        """A model's recent job durations, sorted; re-read as often as `expected`."""
+        """A model's recent job durations, sorted, re-read every few seconds (soon while
+        unknown: the first jobs of a model teach it, and every poll after them depends on
+        it)."""
         at, values = self.samples_cache.get(model, (float("-inf"), []))
         if time.monotonic() - at > (5.0 if values else 0.25):
             values = ctx.repo.duration_samples(model)
             self.samples_cache[model] = (time.monotonic(), values)
         return values
+
+    def expected(self, ctx: Context, model: str) -> float | None:
+        """A model's learned job duration: the median of its recent ones."""
+        values = self.samples(ctx, model)
+        return values[len(values) // 2] if values else None
 
 
 @dataclass

@@ -614,7 +614,7 @@ def test_a_tight_group_of_jobs_is_polled_when_its_last_is_due_not_later(ctx: Con
     """Jobs due within a few percent of their duration share one list call, which waits
     for the last of them only, not a fixed window; a job due later is not waited for."""
     state = SweeperState(api_host="sandbox")
-    state.expected_cache[MODEL] = (time.monotonic(), 3.0)  # jobs of 3 s: a 60 ms window
+    state.samples_cache[MODEL] = (time.monotonic(), [3.0])  # jobs of 3 s: a 60 ms window
     now = ctx.now()
 
     def job(n: int, due_ms: int) -> InFlightJob:
@@ -648,7 +648,7 @@ def test_a_poll_waiting_for_a_groups_last_job_sleeps_until_it_is_due(
     sweeper.tick()
     submit_nodes(ctx, list(ctx.dispatch.submits))  # type: ignore[attr-defined]
     first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
-    sweeper.state.expected_cache[MODEL] = (time.monotonic(), 3.0)  # a 60 ms group window
+    sweeper.state.samples_cache[MODEL] = (time.monotonic(), [3.0])  # a 60 ms group window
     now = ctx.now()
     ctx.repo.schedule_polls(
         {
