@@ -34,6 +34,7 @@ from pipeline.stages import (
     Tuning,
     coalesced_until,
     collect_nodes,
+    poll_jobs,
     submit_nodes,
     sweep,
 )
@@ -685,3 +686,34 @@ def test_finished_jobs_are_collected_in_full_batches_while_more_work_comes(
     assert sum(batches) == 8
     assert batches[:-1] == [3] * (len(batches) - 1) and len(batches) == 3
     assert sandbox.stats()["requests"]["POST /assets/get-bulk"] == 3
+
+
+def test_the_first_jobs_to_finish_teach_the_others_when_to_be_looked_at(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """A model's duration is unknown until its first jobs end. The poll that sees them end
+    schedules the others of the same model at their own expected finish, not at the next
+    step of the unknown-duration cadence (a fifth of their age later)."""
+    sandbox.configure(latency=1.0, latency_spread=0.0)
+    record(ctx, ["first", "second"])
+    sweeper = Sweeper(ctx, sandbox.url)
+    sweeper.tick()
+    first_node, second_node = ctx.dispatch.submits  # type: ignore[attr-defined]
+    submit_node(ctx, first_node)
+    time.sleep(0.15)
+    submit_node(ctx, second_node)
+    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
+    assert sweeper.state.expected(ctx, MODEL) is None  # nothing of this model finished yet
+    # The first job has just ended (1 s), the second ends about 0.15 s after it.
+    time.sleep(max(0.0, 1.02 - (ctx.now() - first.accepted_at).total_seconds()))
+    now = ctx.now()
+    ctx.repo.schedule_polls({(j.row_id, j.node_id): now for j in (first, second)})
+    report = poll_jobs(ctx, sweeper.state)
+    assert report.list_calls == 1 and report.finished == [first_node]
+    (left,) = ctx.repo.in_flight_jobs()
+    assert left.node_id == second_node and left.due_at is not None
+    ends_in = 1.0 - (now - second.accepted_at).total_seconds()
+    assert ends_in > 0, "the machine was too slow to see the two jobs apart"
+    looks_in = (left.due_at - now).total_seconds()
+    # Without the learned duration: max(0.2 x its age of about 0.85 s, 0.25) = 0.25 s.
+    assert ends_in <= looks_in <= ends_in + 0.05
