@@ -1323,19 +1323,13 @@ class Repository:
             for r in rows
         ]
 
-    def expected_duration(self, model: str, sample: int = 20) -> float | None:
-        """Median seconds from creation to success of this model's recent jobs.
+    def duration_samples(self, model: str, sample: int = 20) -> list[float]:
+        """Seconds from creation to success of this model's recent jobs, sorted.
 
         Measured on Scenario's own timestamps (createdAt to the updatedAt of success), not
         on when we happened to look: a duration inflated by our polling would push the
         next first poll later, and the one after later still.
         """
-        durations = self.duration_samples(model, sample)
-        return durations[len(durations) // 2] if durations else None
-
-    def duration_samples(self, model: str, sample: int = 20) -> list[float]:
-        """Seconds from creation to success of this model's recent jobs, sorted (Scenario's
-        own timestamps, as `expected_duration`): how widely its jobs vary."""
         with self._core() as s:
             rows = s.execute(
                 select(JOBS.c.remote_created_at, JOBS.c.remote_updated_at)

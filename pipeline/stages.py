@@ -177,7 +177,7 @@ def submit_nodes(
             return "deferred"
 
     for work in works:
-        batch.expected(ctx, work.model)  # read here, not by each POST's thread
+        batch.first_look(ctx, work.model)  # read here, not by each POST's thread
     try:
         if len(works) == 1:
             results[works[0].node_id] = one(works[0])
@@ -210,20 +210,21 @@ class _Batch:
 
     claimed_at: float  # monotonic, taken before the claims were written
     dispatched_at: float | None = None  # epoch seconds, when the sweeper handed them out
-    durations: dict[str, float | None] = field(default_factory=dict)
+    looks: dict[str, float | None] = field(default_factory=dict)  # model: first look after
     accepted: Counter[str] = field(default_factory=Counter)
     # (job row, job, cost, monotonic time its first poll is due), not yet written
     unrecorded: list[tuple[int, Job, float | None, float]] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)  # the POSTs run side by side
 
-    def expected(self, ctx: Context, model: str) -> float | None:
-        if model not in self.durations:
-            self.durations[model] = ctx.repo.expected_duration(model)
-        return self.durations[model]
+    def first_look(self, ctx: Context, model: str) -> float | None:
+        if model not in self.looks:
+            samples = ctx.repo.duration_samples(model)
+            self.looks[model] = first_look_after(samples, ctx.tuning.coalesce_fraction)
+        return self.looks[model]
 
     def accept(self, ctx: Context, row_id: int, model: str, job: Job, cost: float | None) -> None:
         """A job Scenario accepted: recorded by the next flush."""
-        first_poll = next_poll_in(0.0, self.expected(ctx, model), 0, ctx.rng)
+        first_poll = next_poll_in(0.0, self.first_look(ctx, model), 0, ctx.rng)
         with self.lock:
             self.unrecorded.append((row_id, job, cost, time.monotonic() + first_poll))
 
@@ -384,10 +385,25 @@ def _auth_message(exc: Exception) -> str:
 # -- polling -----------------------------------------------------------------------------
 
 
-def first_look_margin(expected: float) -> float:
-    """How long past a job's expected finish it is first looked at (our clock starts when
-    the POST answered, a little after Scenario's; the margin absorbs the rest)."""
-    return min(0.0025 * expected + 0.005, 0.25)
+# How long past a job's expected finish it is first looked at: our clock starts when the
+# POST answered, after Scenario's, so this only covers timestamps' milliseconds.
+FIRST_LOOK_MARGIN = 0.005
+
+
+def tight(samples: Sequence[float], fraction: float) -> bool:
+    """Whether a model's recent durations (sorted) lie within a group window of each other
+    (`fraction` of their median): its jobs are then looked at when each should end."""
+    return bool(samples) and samples[-1] - samples[0] <= samples[len(samples) // 2] * fraction
+
+
+def first_look_after(samples: Sequence[float], fraction: float) -> float | None:
+    """The duration after which a job of a model is first looked at: for a tight model the
+    slowest of its recent jobs (one look then sees the job ended, where a look at the
+    median would miss the slower half); for one whose jobs vary, the median (the list
+    schedule of `next_list_in` takes over). None while no duration is known."""
+    if not samples:
+        return None
+    return samples[-1] if tight(samples, fraction) else samples[len(samples) // 2]
 
 
 def next_poll_in(
@@ -406,7 +422,7 @@ def next_poll_in(
             return poll_delay(elapsed=0.0, expected=None, polls=0, rng=rng) / 4
         return min(max(0.2 * elapsed, 0.25), POLL_CAP)
     if elapsed < expected:
-        return max(0.05, expected - elapsed + first_look_margin(expected))
+        return max(0.05, expected - elapsed + FIRST_LOOK_MARGIN)
     step = max(0.05 * expected, 0.5 * (elapsed - expected))
     jitter = 1.0 + (rng.uniform(-0.1, 0.1) if rng else 0.0)
     return min(step * jitter, POLL_CAP)
@@ -567,12 +583,12 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
             continue  # still due: polled on the next tick
         if polled is not None and polled.status != j.status:
             changed.append((j.row_id, polled))  # a new status (queued -> in-progress ...)
-        expected = state.expected(ctx, j.model)
+        expected = first_look_after(state.samples(ctx, j.model), ctx.tuning.coalesce_fraction)
         elapsed = (now - j.accepted_at).total_seconds()
         delay = next_poll_in(elapsed, expected, j.polls)
         ahead_of_it = j.model in varying and state.samples(ctx, j.model)[-1] > elapsed
         if ahead is not None and expected and ahead_of_it:  # not past every known duration
-            delay = ahead + first_look_margin(expected)
+            delay = ahead + FIRST_LOOK_MARGIN
         schedule[(j.row_id, j.node_id)] = now + timedelta(seconds=delay)
     moved = ctx.repo.apply_jobs(changed, collect_now=collect_now) if changed else {}
     for j in finishing:
@@ -598,10 +614,8 @@ def coalesced_until(
 
 def _varies(ctx: Context, state: SweeperState, model: str) -> bool:
     """Whether a model's recent jobs took times further apart than a group window."""
-    samples, expected = state.samples(ctx, model), state.expected(ctx, model)
-    if not samples or not expected:
-        return False
-    return samples[-1] - samples[0] > expected * ctx.tuning.coalesce_fraction
+    samples = state.samples(ctx, model)
+    return bool(samples) and not tight(samples, ctx.tuning.coalesce_fraction)
 
 
 def list_interval(ctx: Context, state: SweeperState, jobs: Sequence[InFlightJob]) -> float:

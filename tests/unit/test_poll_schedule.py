@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pipeline.stages import POLL_CAP, next_list_in, next_poll_in
+from pipeline.stages import POLL_CAP, first_look_after, next_list_in, next_poll_in, tight
 
 
 @pytest.mark.parametrize("expected", [1.0, 3.0, 10.0, 40.0])
@@ -35,6 +35,22 @@ def test_without_a_known_duration_looks_come_at_a_fifth_of_the_age() -> None:
     assert next_poll_in(1.0, None, 1) == 0.25  # never closer than a quarter second
     assert next_poll_in(10.0, None, 5) == pytest.approx(2.0)
     assert next_poll_in(1e6, None, 50) == POLL_CAP
+
+
+def test_a_tight_models_jobs_are_first_looked_at_when_its_slowest_recent_job_ended() -> None:
+    """Durations within a group window (5%): the look at the slowest sees every job ended
+    at once; a look at the median would miss the slower half and look again 5% later."""
+    samples = [2.97, 2.99, 3.0, 3.02, 3.05]
+    assert tight(samples, 0.05)
+    assert first_look_after(samples, 0.05) == 3.05
+    assert next_poll_in(0.0, first_look_after(samples, 0.05), 0) == pytest.approx(3.055)
+
+
+def test_a_varying_models_jobs_are_first_looked_at_their_median() -> None:
+    samples = [2.1, 2.6, 3.0, 3.4, 3.9]  # +-30%: its list schedule takes over after that
+    assert not tight(samples, 0.05)
+    assert first_look_after(samples, 0.05) == 3.0
+    assert first_look_after([], 0.05) is None
 
 
 # -- when the one list call for every job in flight is asked (`stages.next_list_in`) ------
