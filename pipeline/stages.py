@@ -560,7 +560,10 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     # group finishing together shares the call). For models whose jobs vary, the one list
     # call that sees every job is asked when one new finish is expected among them: a look
     # at each job's median and every list gap after it would cost a call per job, or more.
-    varying = {m for m in {j.model for j in jobs} if _varies(ctx, state, m)}
+    models = {j.model for j in jobs}
+    varying = {m for m in models if _varies(ctx, state, m)}
+    fraction = ctx.tuning.coalesce_fraction
+    looks = {m: first_look_after(state.samples(ctx, m), fraction) for m in models}
     ahead = next_list_in(
         [
             ((now - j.accepted_at).total_seconds(), state.samples(ctx, j.model))
@@ -570,7 +573,7 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
             and not p.status.terminal
         ],
         window=min(
-            (d * ctx.tuning.coalesce_fraction for m in varying if (d := state.expected(ctx, m))),
+            (d * fraction for m in varying if (d := state.expected(ctx, m))),
             default=0.0,
         ),
     )
@@ -583,7 +586,7 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
             continue  # still due: polled on the next tick
         if polled is not None and polled.status != j.status:
             changed.append((j.row_id, polled))  # a new status (queued -> in-progress ...)
-        expected = first_look_after(state.samples(ctx, j.model), ctx.tuning.coalesce_fraction)
+        expected = looks[j.model]
         elapsed = (now - j.accepted_at).total_seconds()
         delay = next_poll_in(elapsed, expected, j.polls)
         ahead_of_it = j.model in varying and state.samples(ctx, j.model)[-1] > elapsed
