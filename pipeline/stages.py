@@ -388,6 +388,9 @@ def _auth_message(exc: Exception) -> str:
 # How long past a job's expected finish it is first looked at: our clock starts when the
 # POST answered, after Scenario's, so this only covers timestamps' milliseconds.
 FIRST_LOOK_MARGIN = 0.005
+# While a model's duration is unknown, a job seen finalizing is looked at again after this
+# fraction of its age (a fifth otherwise).
+FINALIZING_STEP = 0.05
 
 
 def tight(samples: Sequence[float], fraction: float) -> bool:
@@ -407,7 +410,12 @@ def first_look_after(samples: Sequence[float], fraction: float) -> float | None:
 
 
 def next_poll_in(
-    elapsed: float, expected: float | None, polls: int, rng: random.Random | None = None
+    elapsed: float,
+    expected: float | None,
+    polls: int,
+    rng: random.Random | None = None,
+    *,
+    finalizing: bool = False,
 ) -> float:
     """Seconds until a job is worth looking at again (pure; the list poll is due then).
 
@@ -415,11 +423,15 @@ def next_poll_in(
     starts when the POST answered, a little after Scenario's); an overdue job is looked at
     again after half its delay so far (a geometric backoff, capped). Without
     one, looks come at a fifth of the elapsed time: a detection delay of at most 20% on the
-    first jobs of a model, and few requests for a slow one.
+    first jobs of a model, and few requests for a slow one. A job seen `finalizing` (its
+    generation done, its outputs being saved) is about to end: it is looked at again after
+    a twentieth of its age, so the first jobs of a model are not found a fifth late.
     """
     if expected is None:
         if polls == 0 and elapsed == 0:
             return poll_delay(elapsed=0.0, expected=None, polls=0, rng=rng) / 4
+        if finalizing:
+            return min(max(FINALIZING_STEP * elapsed, LIST_INTERVAL_MIN), POLL_CAP)
         return min(max(0.2 * elapsed, 0.25), POLL_CAP)
     if elapsed < expected:
         return max(0.05, expected - elapsed + FIRST_LOOK_MARGIN)
@@ -488,9 +500,10 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
         state.window_until = report.group_until = mono + (group_end - now).total_seconds()
         return report
     state.list_gap = list_interval(ctx, state, jobs)
-    if mono - state.last_list_at < state.list_gap:
+    if mono - state.last_list_at < state.list_gap and not state.follow_up:
         return report
     state.last_list_at = mono
+    state.follow_up = False
     by_id = {j.scenario_job_id: j for j in jobs}
     seen: dict[str, Job] = {}
     list_ok = True
@@ -550,7 +563,9 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
             took = (done.updated_at - done.created_at).total_seconds()
             learnt.setdefault(j.model, []).append(took)
     for model, durations in learnt.items():
-        state.learn(ctx, model, durations)
+        # The rest of a first group, now due when it should end, is looked at then, not a
+        # list gap later: a group split once would stay split, at a list call per part.
+        state.follow_up = state.learn(ctx, model, durations) or state.follow_up
     # Nothing else is about to finish or to start: collect what finished now rather than
     # in a batch. (A whole wave finishing together while more work waits is no such case.)
     collect_now = len(finishing) == len(jobs) and not ctx.repo.pending_waits()
@@ -588,7 +603,8 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
             changed.append((j.row_id, polled))  # a new status (queued -> in-progress ...)
         expected = looks[j.model]
         elapsed = (now - j.accepted_at).total_seconds()
-        delay = next_poll_in(elapsed, expected, j.polls)
+        status = polled.status if polled is not None else j.status
+        delay = next_poll_in(elapsed, expected, j.polls, finalizing=status == JobStatus.FINALIZING)
         ahead_of_it = j.model in varying and state.samples(ctx, j.model)[-1] > elapsed
         if ahead is not None and expected and ahead_of_it:  # not past every known duration
             delay = ahead + FIRST_LOOK_MARGIN
@@ -608,10 +624,17 @@ def coalesced_until(
     ctx: Context, state: SweeperState, jobs: Sequence[InFlightJob], now: datetime
 ) -> datetime:
     """When the group of the earliest due job is all due: the latest due time among the
-    jobs due within `coalesce_fraction` of its model's duration after it."""
+    jobs due within `coalesce_fraction` of its model's duration after it, or within the
+    least gap between two list calls if that is longer (jobs due within it could not be
+    looked at sooner by a list of their own: waiting for them costs less than the gap, and
+    a group once split, by a first look between its finishes, becomes one again)."""
     earliest = min(j.due_at or now for j in jobs)
     model = min(jobs, key=lambda j: j.due_at or now).model
-    window = timedelta(seconds=(state.expected(ctx, model) or 0.0) * ctx.tuning.coalesce_fraction)
+    expected = state.expected(ctx, model)
+    seconds = 0.0
+    if expected:
+        seconds = max(expected * ctx.tuning.coalesce_fraction, list_interval(ctx, state, jobs))
+    window = timedelta(seconds=seconds)
     return max(j.due_at or now for j in jobs if (j.due_at or now) <= earliest + window)
 
 
@@ -654,6 +677,7 @@ class SweeperState:
     last_list_at: float = float("-inf")
     limits_read: bool = False  # the plan's caps are read at most once per sweeper
     list_gap: float = 0.0  # the least time between two list polls, as last computed
+    follow_up: bool = False  # the last list taught a duration: the next one skips the gap
     window_until: float = float("-inf")  # monotonic end of the wait that batches a poll
     lease_renew_at: float = float("-inf")  # monotonic time to renew the sweeper lease
     lease_retry_at: float = float("-inf")  # another sweeper holds it: not asked before this
@@ -670,11 +694,14 @@ class SweeperState:
             self.samples_cache[model] = (time.monotonic(), values)
         return values
 
-    def learn(self, ctx: Context, model: str, durations: list[float]) -> None:
+    def learn(self, ctx: Context, model: str, durations: list[float]) -> bool:
         """Jobs of `model` just seen succeeding after these durations: while the model's
-        duration is unknown they count at once (the database has them after this pass)."""
-        if not self.samples(ctx, model):
-            self.samples_cache[model] = (time.monotonic(), sorted(durations))
+        duration is unknown they count at once (the database has them after this pass).
+        True if they taught it."""
+        if self.samples(ctx, model):
+            return False
+        self.samples_cache[model] = (time.monotonic(), sorted(durations))
+        return True
 
     def expected(self, ctx: Context, model: str) -> float | None:
         """A model's learned job duration: the median of its recent ones."""
@@ -843,9 +870,8 @@ class Sweeper:
         waits = [tick]
         if NodeState.RUNNING in due:  # the next poll, not before the list may be asked again
             mono = time.monotonic()
-            gate = (
-                max(self.state.last_list_at + self.state.list_gap, self.state.window_until) - mono
-            )
+            gap = 0.0 if self.state.follow_up else self.state.list_gap
+            gate = max(self.state.last_list_at + gap, self.state.window_until) - mono
             waits.append(max((due[NodeState.RUNNING] - now).total_seconds(), gate))
         if NodeState.COLLECTING in due:
             waits.append((due[NodeState.COLLECTING] - now).total_seconds())

@@ -627,6 +627,24 @@ def test_a_tight_group_of_jobs_is_polled_when_its_last_is_due_not_later(ctx: Con
     assert coalesced_until(ctx, state, group[:1], now) == now
 
 
+def test_jobs_due_within_a_list_gap_of_a_group_join_it(ctx: Context) -> None:
+    """Jobs due after the group window but within the least gap between two list calls
+    (a twentieth of 3 s: 150 ms) could not be listed sooner on their own: the group waits
+    for them. A wave split by a first look that fell between its finishes so becomes one
+    group again, where it would otherwise cost two list calls every round."""
+    ctx = dataclasses.replace(ctx, tuning=dataclasses.replace(ctx.tuning, list_interval=None))
+    state = SweeperState(api_host="sandbox")
+    state.samples_cache[MODEL] = (time.monotonic(), [3.0])
+    now = ctx.now()
+
+    def job(n: int, due_ms: int) -> InFlightJob:
+        due = now + timedelta(milliseconds=due_ms)
+        return InFlightJob(n, f"job-{n}", n, MODEL, "custom", 0, now, due, 1)
+
+    split = [job(1, 0), job(2, 3), job(3, 120), job(4, 124), job(5, 400)]
+    assert coalesced_until(ctx, state, split, now) == now + timedelta(milliseconds=124)
+
+
 def test_a_full_pool_does_not_keep_the_sweeper_spinning(ctx: Context, sandbox: Sandbox) -> None:
     """Pending nodes waiting for a slot wake nobody: a finished job frees it (and the
     sweeper polls for that on its own timer); an empty other pool changes nothing."""
@@ -717,3 +735,56 @@ def test_the_first_jobs_to_finish_teach_the_others_when_to_be_looked_at(
     looks_in = (left.due_at - now).total_seconds()
     # Without the learned duration: max(0.2 x its age of about 0.85 s, 0.25) = 0.25 s.
     assert ends_in <= looks_in <= ends_in + 0.05
+
+
+def test_the_rest_of_a_first_group_is_looked_at_when_it_ends_not_a_list_gap_later(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """The look that first sees a model's jobs end taught their duration; the rest of
+    that group, due a few tens of milliseconds later, is listed then, although two list
+    calls are otherwise at least 150 ms apart (a twentieth of 3 s). Left to the gap, the
+    group's two halves would be resubmitted apart and stay apart, at two list calls a
+    round."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, list_interval=None)
+    sandbox.configure(latency=3.0, latency_spread=0.0)
+    record(ctx, ["first", "second"])
+    sweeper = Sweeper(ctx, sandbox.url)
+    sweeper.tick()
+    first_node, second_node = ctx.dispatch.submits  # type: ignore[attr-defined]
+    submit_node(ctx, first_node)
+    time.sleep(0.07)
+    submit_node(ctx, second_node)
+    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
+    time.sleep(max(0.0, 3.005 - (ctx.now() - first.accepted_at).total_seconds()))
+    now = ctx.now()
+    ctx.repo.schedule_polls({(j.row_id, j.node_id): now for j in (first, second)})
+    report = poll_jobs(ctx, sweeper.state)
+    assert report.list_calls == 1 and report.finished == [first_node], "the machine was too slow"
+    (left,) = ctx.repo.in_flight_jobs()
+    assert left.due_at is not None
+    time.sleep(max(0.0, (left.due_at - ctx.now()).total_seconds()))
+    assert time.monotonic() - sweeper.state.last_list_at < 0.15, "the machine was too slow"
+    report = poll_jobs(ctx, sweeper.state)
+    assert report.list_calls == 1 and report.finished == [second_node]
+
+
+def test_a_job_seen_finalizing_is_looked_at_again_soon_while_its_duration_is_unknown(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """A model's first job, seen `finalizing` (its outputs being saved), is about to end:
+    it is looked at again after a twentieth of its age, not a fifth (0.37 s here)."""
+    sandbox.configure(latency=2.0, latency_spread=0.0)  # finalizing from 1.8 s to 2 s
+    record(ctx, ["first"])
+    sweeper = Sweeper(ctx, sandbox.url)
+    sweeper.tick()
+    (node,) = ctx.dispatch.submits  # type: ignore[attr-defined]
+    submit_node(ctx, node)
+    (job,) = ctx.repo.in_flight_jobs()
+    time.sleep(max(0.0, 1.85 - (ctx.now() - job.accepted_at).total_seconds()))
+    now = ctx.now()
+    ctx.repo.schedule_polls({(job.row_id, job.node_id): now})
+    assert poll_jobs(ctx, sweeper.state).list_calls == 1
+    (seen,) = ctx.repo.in_flight_jobs()
+    assert seen.status == "finalizing", "the machine was too slow"
+    assert seen.due_at is not None
+    assert (seen.due_at - now).total_seconds() == pytest.approx(0.1, abs=0.01)

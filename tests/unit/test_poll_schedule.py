@@ -37,6 +37,15 @@ def test_without_a_known_duration_looks_come_at_a_fifth_of_the_age() -> None:
     assert next_poll_in(1e6, None, 50) == POLL_CAP
 
 
+def test_without_a_known_duration_a_finalizing_job_is_looked_at_soon() -> None:
+    """Its generation is done and its outputs are being saved: a look a fifth of its age
+    later (0.6 s for a 3 s job) would find it ended long before; a twentieth is enough."""
+    assert next_poll_in(2.9, None, 9, finalizing=True) == pytest.approx(0.145)
+    assert next_poll_in(0.9, None, 4, finalizing=True) == pytest.approx(0.1)  # the list gap
+    assert next_poll_in(1e6, None, 50, finalizing=True) == POLL_CAP
+    assert next_poll_in(2.9, 3.0, 9, finalizing=True) == next_poll_in(2.9, 3.0, 9)
+
+
 def test_a_tight_models_jobs_are_first_looked_at_when_its_slowest_recent_job_ended() -> None:
     """Durations within a group window (5%): the look at the slowest sees every job ended
     at once; a look at the median would miss the slower half and look again 5% later."""
