@@ -566,6 +566,8 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
         # The rest of a first group, now due when it should end, is looked at then, not a
         # list gap later: a group split once would stay split, at a list call per part.
         state.follow_up = state.learn(ctx, model, durations) or state.follow_up
+    if learnt:
+        state.list_gap = list_interval(ctx, state, jobs)
     # Nothing else is about to finish or to start: collect what finished now rather than
     # in a batch. (A whole wave finishing together while more work waits is no such case.)
     collect_now = len(finishing) == len(jobs) and not ctx.repo.pending_waits()
@@ -780,7 +782,11 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         # Nothing else to finish and share a get-bulk with, or only the last jobs in flight
         # and more waiting than they will add (storing it now overlaps their run time).
         ctx.repo.collect_now()
-    to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
+    to_collect: list[int] | None = None
+    if in_flight and not full and _company_due(ctx, state):
+        to_collect = []
+    if to_collect is None:
+        to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
     if to_collect and not full:
         # The oldest finished node has waited long enough: take everyone waiting with it.
         ctx.repo.collect_now()
@@ -793,6 +799,19 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         state.runs_at = mono + RUNS_REFRESH
         report.finished_runs = ctx.repo.refresh_runs()
     return report
+
+
+def _company_due(ctx: Context, state: SweeperState) -> bool:
+    """Whether finished nodes whose wait for company ran out should wait a little more: a
+    poll of jobs in flight is due within a list gap (they are about to finish: one
+    get-bulk for both groups). Bounded: a node waits at most one list gap more."""
+    due = ctx.repo.next_due()
+    waited, polled = due.get(NodeState.COLLECTING), due.get(NodeState.RUNNING)
+    if waited is None or polled is None:
+        return False
+    now = ctx.now()
+    gap = timedelta(seconds=state.list_gap)
+    return waited <= now < waited + gap and polled <= now + gap
 
 
 def cancel_run(ctx: Context, run_id: str, reason: str) -> list[str]:

@@ -788,3 +788,36 @@ def test_a_job_seen_finalizing_is_looked_at_again_soon_while_its_duration_is_unk
     assert seen.status == "finalizing", "the machine was too slow"
     assert seen.due_at is not None
     assert (seen.due_at - now).total_seconds() == pytest.approx(0.1, abs=0.01)
+
+
+def test_finished_outputs_whose_wait_ran_out_wait_for_a_group_about_to_finish(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """A finished job's outputs wait for company at most the collect delay, unless a job
+    in flight is due to finish within a list gap of that: then both share one get-bulk
+    (when the delay equals the job length, every wave was otherwise collected alone)."""
+    sandbox.configure(latency=1.0, latency_spread=0.0)
+    ctx.tuning = dataclasses.replace(ctx.tuning, list_interval=None, collect_delay=0.45)
+    ctx.repo.policy = ctx.tuning.policy()
+    record(ctx, ["first", "second"])
+    sweeper = Sweeper(ctx, sandbox.url)
+    sweeper.tick()
+    first_node, second_node = ctx.dispatch.submits  # type: ignore[attr-defined]
+    sweeper.state.samples_cache[MODEL] = (time.monotonic(), [1.0])  # a 100 ms list gap
+    submit_node(ctx, first_node)
+    time.sleep(0.5)
+    submit_node(ctx, second_node)
+    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
+    ctx.repo.schedule_polls(
+        {
+            (first.row_id, first.node_id): first.accepted_at + timedelta(seconds=1.005),
+            (second.row_id, second.node_id): second.accepted_at + timedelta(seconds=1.005),
+        }
+    )
+    # The first job's outputs are due for collection at about 1.47 s, the second job ends
+    # at about 1.5 s.
+    deadline = time.monotonic() + 5
+    while ctx.dispatch.collects == [] and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        sweeper.tick()
+        time.sleep(0.005)
+    assert ctx.dispatch.collects == [[first_node, second_node]]  # type: ignore[attr-defined]
