@@ -1280,11 +1280,18 @@ class Repository:
             moved = self._apply(conn, dict.fromkeys(due, nodes.Redispatch()), now)
         return sorted(node_id for node_id, new in moved.items() if new == state)
 
-    def collecting_waiting(self) -> int:
-        """Finished nodes waiting for company before their collect task is sent."""
+    def collecting_waiting(self) -> tuple[int, datetime | None]:
+        """Finished nodes waiting for company before their collect task is sent, and the
+        earliest collect timer of any finished node no task holds (past once one ran out)."""
+        now = self.now()
         with self._core() as conn:
-            query = select(func.count()).select_from(NODES).where(*_gathering(self.now()))
-            return int(conn.execute(query).scalar_one())
+            waiting, earliest = conn.execute(
+                select(
+                    func.coalesce(func.sum(case((NODES.c.due_at > now, 1), else_=0)), 0),
+                    func.min(NODES.c.due_at),
+                ).where(NODES.c.state == NodeState.COLLECTING, NODES.c.claimed_until.is_(None))
+            ).one()
+        return int(waiting), earliest
 
     def pending_waits(self) -> bool:
         """Whether any node waits to be submitted (now or after a backoff)."""

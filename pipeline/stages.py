@@ -773,8 +773,9 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     # Collections after submissions: a freed slot is refilled first, its outputs stored
     # while the next job runs.
     in_flight = sum(in_use.values()) + len(handed)
-    gathering = ctx.repo.collecting_waiting()
+    gathering, timer = ctx.repo.collecting_waiting()
     full = gathering - gathering % tuning.collect_batch
+    wait_more = False
     if full:
         # Full batches go now, the first finished first; the rest waits for company.
         ctx.repo.collect_now(full)
@@ -782,11 +783,10 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         # Nothing else to finish and share a get-bulk with, or only the last jobs in flight
         # and more waiting than they will add (storing it now overlaps their run time).
         ctx.repo.collect_now()
-    to_collect: list[int] | None = None
-    if in_flight and not full and _company_due(ctx, state):
-        to_collect = []
-    if to_collect is None:
-        to_collect = ctx.repo.due_for_tasks(NodeState.COLLECTING)
+    elif in_flight and timer is not None and timer <= ctx.now():
+        # A wait for company ran out: if a group in flight is about to finish, wait for it.
+        wait_more = _company_due(ctx, state)
+    to_collect = [] if wait_more else ctx.repo.due_for_tasks(NodeState.COLLECTING)
     if to_collect and not full:
         # The oldest finished node has waited long enough: take everyone waiting with it.
         ctx.repo.collect_now()
@@ -804,7 +804,8 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
 def _company_due(ctx: Context, state: SweeperState) -> bool:
     """Whether finished nodes whose wait for company ran out should wait a little more: a
     poll of jobs in flight is due within a list gap (they are about to finish: one
-    get-bulk for both groups). Bounded: a node waits at most one list gap more."""
+    get-bulk for both groups; when the collect delay equals the jobs' length every wave
+    was otherwise collected alone). Bounded: a node waits at most one list gap more."""
     due = ctx.repo.next_due()
     waited, polled = due.get(NodeState.COLLECTING), due.get(NodeState.RUNNING)
     if waited is None or polled is None:
