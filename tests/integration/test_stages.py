@@ -706,21 +706,30 @@ def test_finished_jobs_are_collected_in_full_batches_while_more_work_comes(
     assert sandbox.stats()["requests"]["POST /assets/get-bulk"] == 3
 
 
+def two_jobs_apart(
+    ctx: Context, sandbox: Sandbox, latency: float, apart: float
+) -> tuple[Sweeper, InFlightJob, InFlightJob]:
+    """Two one-job items of `latency` s submitted `apart` s from each other, in flight."""
+    sandbox.configure(latency=latency, latency_spread=0.0)
+    record(ctx, ["first", "second"])
+    sweeper = Sweeper(ctx, sandbox.url)
+    sweeper.tick()
+    first_node, second_node = ctx.dispatch.submits  # type: ignore[attr-defined]
+    submit_node(ctx, first_node)
+    time.sleep(apart)
+    submit_node(ctx, second_node)
+    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
+    return sweeper, first, second
+
+
 def test_the_first_jobs_to_finish_teach_the_others_when_to_be_looked_at(
     ctx: Context, sandbox: Sandbox
 ) -> None:
     """A model's duration is unknown until its first jobs end. The poll that sees them end
     schedules the others of the same model at their own expected finish, not at the next
     step of the unknown-duration cadence (a fifth of their age later)."""
-    sandbox.configure(latency=1.0, latency_spread=0.0)
-    record(ctx, ["first", "second"])
-    sweeper = Sweeper(ctx, sandbox.url)
-    sweeper.tick()
-    first_node, second_node = ctx.dispatch.submits  # type: ignore[attr-defined]
-    submit_node(ctx, first_node)
-    time.sleep(0.15)
-    submit_node(ctx, second_node)
-    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
+    sweeper, first, second = two_jobs_apart(ctx, sandbox, latency=1.0, apart=0.15)
+    first_node, second_node = first.node_id, second.node_id
     assert sweeper.state.expected(ctx, MODEL) is None  # nothing of this model finished yet
     # The first job has just ended (1 s), the second ends about 0.15 s after it.
     time.sleep(max(0.0, 1.02 - (ctx.now() - first.accepted_at).total_seconds()))
@@ -746,15 +755,8 @@ def test_the_rest_of_a_first_group_is_looked_at_when_it_ends_not_a_list_gap_late
     group's two halves would be resubmitted apart and stay apart, at two list calls a
     round."""
     ctx.tuning = dataclasses.replace(ctx.tuning, list_interval=None)
-    sandbox.configure(latency=3.0, latency_spread=0.0)
-    record(ctx, ["first", "second"])
-    sweeper = Sweeper(ctx, sandbox.url)
-    sweeper.tick()
-    first_node, second_node = ctx.dispatch.submits  # type: ignore[attr-defined]
-    submit_node(ctx, first_node)
-    time.sleep(0.07)
-    submit_node(ctx, second_node)
-    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
+    sweeper, first, second = two_jobs_apart(ctx, sandbox, latency=3.0, apart=0.07)
+    first_node, second_node = first.node_id, second.node_id
     time.sleep(max(0.0, 3.005 - (ctx.now() - first.accepted_at).total_seconds()))
     now = ctx.now()
     ctx.repo.schedule_polls({(j.row_id, j.node_id): now for j in (first, second)})
@@ -796,18 +798,10 @@ def test_finished_outputs_whose_wait_ran_out_wait_for_a_group_about_to_finish(
     """A finished job's outputs wait for company at most the collect delay, unless a job
     in flight is due to finish within a list gap of that: then both share one get-bulk
     (when the delay equals the job length, every wave was otherwise collected alone)."""
-    sandbox.configure(latency=1.0, latency_spread=0.0)
     ctx.tuning = dataclasses.replace(ctx.tuning, list_interval=None, collect_delay=0.45)
     ctx.repo.policy = ctx.tuning.policy()
-    record(ctx, ["first", "second"])
-    sweeper = Sweeper(ctx, sandbox.url)
-    sweeper.tick()
-    first_node, second_node = ctx.dispatch.submits  # type: ignore[attr-defined]
+    sweeper, first, second = two_jobs_apart(ctx, sandbox, latency=1.0, apart=0.5)
     sweeper.state.samples_cache[MODEL] = (time.monotonic(), [1.0])  # a 100 ms list gap
-    submit_node(ctx, first_node)
-    time.sleep(0.5)
-    submit_node(ctx, second_node)
-    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
     ctx.repo.schedule_polls(
         {
             (first.row_id, first.node_id): first.accepted_at + timedelta(seconds=1.005),
@@ -820,4 +814,4 @@ def test_finished_outputs_whose_wait_ran_out_wait_for_a_group_about_to_finish(
     while ctx.dispatch.collects == [] and time.monotonic() < deadline:  # type: ignore[attr-defined]
         sweeper.tick()
         time.sleep(0.005)
-    assert ctx.dispatch.collects == [[first_node, second_node]]  # type: ignore[attr-defined]
+    assert ctx.dispatch.collects == [[first.node_id, second.node_id]]  # type: ignore[attr-defined]
