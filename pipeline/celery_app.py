@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,14 @@ def _settings_from_environment(sender: Celery, **_: Any) -> None:
     # `celery -A pipeline.celery_app beat` runs PIPELINE_SCHEDULE (see pipeline/schedule.py).
     sender.add_defaults({"beat_schedule": beat_schedule(settings)})
     _tolerate_lost_unacked_restore()
+
+
+@worker_ready.connect
+def _settle_heap(**_: Any) -> None:
+    """A worker ready to work keeps what it holds now until it exits (see settle_heap)."""
+    from pipeline.runtime import settle_heap
+
+    settle_heap()
 
 
 def configure(broker_url: str) -> Celery:

@@ -914,6 +914,7 @@ def poller() -> None:
         runtime.credentials(settings)
         _prepare_database(settings)
         loop = _sweeper(runtime.context(), settings)
+    runtime.settle_heap()
     err.print("poller: sweeping (Ctrl-C to stop)", markup=False)
     try:
         loop.run()

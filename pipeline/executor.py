@@ -296,6 +296,7 @@ class Executor:
             self.warm_up(stack)
             assert self._worker is not None
             self._worker.ready()
+        runtime.settle_heap()
         sweeper = Sweeper(self.ctx, self.settings.api_url).start()
         stack.callback(sweeper.stop)
 
