@@ -289,6 +289,7 @@ class Executor:
         if self.embedded and self._worker is None:
             self._worker = runtime.EmbeddedWorker(self.settings.worker_concurrency).launch()
             stack.callback(self._worker.stop)
+            runtime.CeleryDispatcher().warm()
 
     def start_processing(self, stack: ExitStack) -> None:
         """Embedded: start an in-process worker and sweeper. Distributed: join the sweep."""

@@ -137,6 +137,10 @@ class CeleryDispatcher:
     def collect(self, node_ids: Sequence[int]) -> None:
         self._send("pipeline.collect", [list(node_ids)])
 
+    def warm(self) -> None:
+        """A message that does nothing, to set the queue up before work needs it."""
+        self._send("pipeline.warm", [])
+
     def _send(self, name: str, args: list[Any]) -> None:
         try:
             app.send_task(name, args=args, retry=False)

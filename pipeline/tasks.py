@@ -62,6 +62,16 @@ def _note(node_id: int, exc: BaseException) -> None:
         logger.warning("could not record the error of node %s", node_id)
 
 
+@app.task(name="pipeline.warm")
+def warm() -> None:
+    """Sent once as an in-process worker starts, so that a run's first wave does not pay
+    for first times on its way to its first submission (see `stages.warm`)."""
+    try:
+        stages.warm(runtime.context())
+    except Exception as exc:  # an optimisation only: whatever failed fails again, later
+        logger.debug("warm-up failed: %s", exc)
+
+
 @app.task(name="pipeline.sweep")
 def sweep() -> bool:
     """One sweep (for celery beat or a doorbell); the sweeper thread usually does this."""

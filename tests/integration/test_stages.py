@@ -22,7 +22,7 @@ import pytest
 from pipeline import db, reports
 from pipeline.errors import DatabaseTransientError
 from pipeline.keys import compute_item_key, compute_recipe_key
-from pipeline.models import ItemStatus
+from pipeline.models import Base, ItemStatus
 from pipeline.repository import InFlightJob, NewItem, Repository
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import ScenarioClient
@@ -37,6 +37,7 @@ from pipeline.stages import (
     poll_jobs,
     submit_nodes,
     sweep,
+    warm,
 )
 from pipeline.storage import open_storage
 
@@ -815,3 +816,34 @@ def test_finished_outputs_whose_wait_ran_out_wait_for_a_group_about_to_finish(
         sweeper.tick()
         time.sleep(0.005)
     assert ctx.dispatch.collects == [[first.node_id, second.node_id]]  # type: ignore[attr-defined]
+
+
+def test_warming_up_a_worker_moves_nothing_and_asks_scenario_nothing(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """The warm-up runs the hot path's queries while a run is being recorded: it must not
+    act on anything, not even on nodes that are due (a lost submit, a finished job)."""
+    record(ctx, [f"icon {n}" for n in range(4)])
+    state = SweeperState(api_host="sandbox")
+    sweep(ctx, state)
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, QueueDispatcher)
+    submit_node(ctx, dispatcher.submits.pop(0))  # one job accepted; the other tasks are lost
+    lost = list(dispatcher.submits)
+    dispatcher.submits.clear()
+    time.sleep(ctx.tuning.lease_seconds + 0.3)  # their claims lapse; the job finishes
+
+    def snapshot() -> list[Any]:
+        with ctx.repo.engine.connect() as conn:
+            return [
+                sorted(repr(tuple(row)) for row in conn.execute(table.select()))
+                for table in Base.metadata.sorted_tables
+            ]
+
+    before, requests = snapshot(), dict(sandbox.stats()["requests"])
+    warm(ctx)
+    assert snapshot() == before
+    assert sandbox.stats()["requests"] == requests
+    assert dispatcher.submits == [] and dispatcher.collects == []
+    sweep(ctx, state)  # whereas a sweep acts on them
+    assert lost and set(lost) <= set(dispatcher.submits) and snapshot() != before
