@@ -589,7 +589,7 @@ def plan(
     from pipeline.executor import Executor
 
     with _errors(), ExitStack() as stack:
-        manifests = planning.load_all(planning.manifest_paths(paths))
+        manifests = batch.load_manifests(paths)  # as `run` reads them: the same errors
         if not manifests:
             raise Exit(
                 EXIT_INVALID,

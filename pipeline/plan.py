@@ -18,47 +18,21 @@ key for the process; nothing is paid or recorded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
 from pipeline import budget
-from pipeline.errors import ApiPermanentError, ManifestError
+from pipeline.errors import ApiPermanentError
 from pipeline.keys import compute_step_key
-from pipeline.manifest import ItemSpec, Manifest, StepSpec, load_manifest
+from pipeline.manifest import ItemSpec, Manifest, StepSpec
 from pipeline.models import ItemRow, ManifestRow, NodeRow, RunRow
 from pipeline.nodes import NodeState
 from pipeline.stages import Context
 
 EXACT, ESTIMATED, AT_RUN_TIME = "exact", "estimated", "at run time"
 _by_node_key: dict[str, float] = {}  # node key -> CU (dry runs are cached for the process)
-
-
-def manifest_paths(args: Iterable[Path]) -> list[Path]:
-    """FILE or DIR arguments as manifest files (a folder: its *.yaml and *.yml, sorted)."""
-    paths: list[Path] = []
-    for arg in args:
-        if arg.is_dir():
-            paths += sorted(p for p in arg.iterdir() if p.suffix in (".yaml", ".yml"))
-        else:
-            paths.append(arg)
-    return paths
-
-
-def load_all(paths: Iterable[Path]) -> list[Manifest]:
-    """Load every manifest; ManifestError lists every problem of every file."""
-    manifests, problems = [], []
-    for path in paths:
-        try:
-            manifests.append(load_manifest(path))
-        except ManifestError as exc:
-            problems += exc.problems
-    if problems:
-        raise ManifestError(problems)
-    return manifests
 
 
 @dataclass

@@ -106,6 +106,25 @@ def test_plan_of_a_recipe_rerun_reuses_the_generation_and_prices_only_the_change
     )
 
 
+def test_plan_refuses_the_manifests_run_would_refuse_with_the_same_lines(
+    cli: Cli, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """`plan` is asked before `run`: it reads the arguments as `run` does, so a plan that
+    passes is not followed by a run that refuses the same files."""
+    twin = 'name: twins\nmodel: model_test-image\nseed: 1\nitems:\n  - id: a\n    prompt: "a"\n'
+    write_manifest(tmp_path, twin, "a.yaml")
+    write_manifest(tmp_path, twin, "b.yaml")  # the same `name:` twice
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in ([str(tmp_path)], [str(empty)]):
+        planned, ran = cli("plan", *args), cli("run", *args)
+        assert planned.code == ran.code == 2, planned.stderr
+        assert planned.stderr == ran.stderr and "Traceback" not in planned.stderr
+    assert "is also used by" in cli("plan", str(tmp_path)).stderr
+    assert "no *.yaml or *.yml manifest in this folder" in cli("plan", str(empty)).stderr
+    assert sandbox.stats()["jobs_created"] == 0
+
+
 def test_validate_online_names_a_misspelt_input_at_its_line_with_a_did_you_mean(
     cli: Cli, sandbox: Sandbox, tmp_path: Path
 ) -> None:
