@@ -702,6 +702,7 @@ class SweeperState:
     lease_renew_at: float = float("-inf")  # monotonic time to renew the sweeper lease
     lease_retry_at: float = float("-inf")  # another sweeper holds it: not asked before this
     runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
+    collect_held: bool = False  # the last pass handed out submissions and held its collects
     samples_cache: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
 
     def samples(self, ctx: Context, model: str) -> list[float]:
@@ -789,8 +790,25 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         ctx.dispatch.submit(handed[start : start + tuning.submit_batch])
     report.submitted = len(handed)
     # Collections after submissions: a freed slot is refilled first, its outputs stored
-    # while the next job runs.
-    in_flight = sum(in_use.values()) + len(handed)
+    # while the next job runs. A pass that handed out submissions holds its collects for
+    # one pass (the submit task's POSTs are then not slowed by a collect's downloads and
+    # records; its acceptances wake the next pass); never two passes in a row.
+    if handed and not state.collect_held:
+        state.collect_held = True
+    else:
+        state.collect_held = False
+        report.collected = _collect(ctx, state, sum(in_use.values()) + len(handed))
+    if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
+        # Runs end when their last node does; nodes finish in polls, collects and tasks.
+        state.runs_at = mono + RUNS_REFRESH
+        report.finished_runs = ctx.repo.refresh_runs()
+    return report
+
+
+def _collect(ctx: Context, state: SweeperState, in_flight: int) -> int:
+    """Hand out the collects due: full batches at once, the rest when its wait for company
+    ends; how many nodes were handed out."""
+    tuning = ctx.tuning
     gathering, timer = ctx.repo.collecting_waiting()
     full = gathering - gathering % tuning.collect_batch
     wait_more = False
@@ -811,12 +829,7 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         to_collect += ctx.repo.due_for_tasks(NodeState.COLLECTING)
     for start in range(0, len(to_collect), tuning.collect_batch):
         ctx.dispatch.collect(to_collect[start : start + tuning.collect_batch])
-    report.collected = len(to_collect)
-    if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
-        # Runs end when their last node does; nodes finish in polls, collects and tasks.
-        state.runs_at = mono + RUNS_REFRESH
-        report.finished_runs = ctx.repo.refresh_runs()
-    return report
+    return len(to_collect)
 
 
 def _company_due(ctx: Context, state: SweeperState) -> bool:

@@ -847,3 +847,29 @@ def test_warming_up_a_worker_moves_nothing_and_asks_scenario_nothing(
     assert dispatcher.submits == [] and dispatcher.collects == []
     sweep(ctx, state)  # whereas a sweep acts on them
     assert lost and set(lost) <= set(dispatcher.submits) and snapshot() != before
+
+
+def test_a_pass_that_refills_slots_hands_out_its_collects_one_pass_later(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """The POSTs of a refill are not slowed by a collect's downloads and records that
+    start beside them: the collect goes out on the next pass, and never later than that,
+    however many passes hand out submissions."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, collect_batch=3)
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, QueueDispatcher)
+    record(ctx, [f"icon {n}" for n in range(5)])  # the cap is 3: 3 now, 2 when slots free
+    state = SweeperState(api_host="sandbox")
+    sweep(ctx, state)
+    assert submit_nodes(ctx, dispatcher.submits) and len(dispatcher.submits) == 3
+    dispatcher.submits.clear()
+    deadline = time.monotonic() + 10
+    while not (refill := sweep(ctx, state)).poll.finished and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The three jobs finished together: a full collect batch, and two slots refilled.
+    assert len(refill.poll.finished) == 3 and refill.submitted == 2
+    assert dispatcher.collects == []
+    record(ctx, ["one more"])  # the next pass hands out a submission again
+    after = sweep(ctx, state)
+    assert after.submitted == 1
+    assert [sorted(batch) for batch in dispatcher.collects] == [sorted(refill.poll.finished)]
