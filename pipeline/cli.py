@@ -589,12 +589,8 @@ def plan(
     from pipeline.executor import Executor
 
     with _errors(), ExitStack() as stack:
-        manifests = batch.load_manifests(paths)  # as `run` reads them: the same errors
-        if not manifests:
-            raise Exit(
-                EXIT_INVALID,
-                "error: no manifests (*.yaml, *.yml) in " + ", ".join(str(p) for p in paths),
-            )
+        # As `run` reads them, with its errors (a folder without manifests is one of them).
+        manifests = batch.load_manifests(paths)
         settings = _settings()
         if sandbox:
             settings = _start_sandbox(stack, settings)

@@ -1289,7 +1289,7 @@ class Repository:
                 select(
                     func.coalesce(func.sum(case((NODES.c.due_at > now, 1), else_=0)), 0),
                     func.min(NODES.c.due_at),
-                ).where(NODES.c.state == NodeState.COLLECTING, NODES.c.claimed_until.is_(None))
+                ).where(*_unheld_collecting())
             ).one()
         return int(waiting), earliest
 
@@ -1831,13 +1831,14 @@ def _values(change: Change) -> dict[str, Any]:
     return values
 
 
+def _unheld_collecting() -> list[Any]:
+    """Collecting nodes no task holds."""
+    return [NODES.c.state == NodeState.COLLECTING, NODES.c.claimed_until.is_(None)]
+
+
 def _gathering(now: datetime) -> list[Any]:
     """Collecting nodes no task holds, waiting for company until their due time."""
-    return [
-        NODES.c.state == NodeState.COLLECTING,
-        NODES.c.claimed_until.is_(None),
-        NODES.c.due_at > now,
-    ]
+    return [*_unheld_collecting(), NODES.c.due_at > now]
 
 
 def _item_values(
