@@ -684,6 +684,33 @@ def test_a_poll_waiting_for_a_groups_last_job_sleeps_until_it_is_due(
     assert pause == pytest.approx(report.poll.group_until - time.monotonic(), abs=0.005)
 
 
+def test_a_sweeper_with_no_job_due_yet_sleeps_until_the_groups_last_job_is_due(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """A group of jobs submitted together is looked at once, when its last job is due: the
+    sweeper's wake-up is that moment, not its first job's due time (a pass then would only
+    find that it must wait, and its queries would delay the list)."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, tick=1.0)
+    record(ctx, [f"grouped {n}" for n in range(2)])
+    sweeper = Sweeper(ctx, sandbox.url)
+    sweeper.tick()
+    submit_nodes(ctx, list(ctx.dispatch.submits))  # type: ignore[attr-defined]
+    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
+    sweeper.state.samples_cache[MODEL] = (time.monotonic(), [3.0])  # a 60 ms group window
+    now = ctx.now()
+    ctx.repo.schedule_polls(
+        {
+            (first.row_id, first.node_id): now + timedelta(milliseconds=150),
+            (second.row_id, second.node_id): now + timedelta(milliseconds=200),
+        }
+    )
+    report = sweeper.tick()
+    assert report.poll.list_calls == 0 and report.poll.group_until is not None
+    pause = sweeper._sleep_after(report)
+    assert pause == pytest.approx(report.poll.group_until - time.monotonic(), abs=0.02)
+    assert pause > 0.17  # past the first job's due time, up to the second's
+
+
 def test_finished_jobs_are_collected_in_full_batches_while_more_work_comes(
     ctx: Context, sandbox: Sandbox
 ) -> None:
