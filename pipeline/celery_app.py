@@ -28,6 +28,8 @@ def celery_config(broker_url: str) -> dict[str, Any]:
     return {
         # kombu warns about a memory:// URL without a host; the host means nothing there.
         "broker_url": "memory://localhost/" if memory else broker_url,
+        # In-process messages wake the worker at once (see pipeline.inproc).
+        "broker_transport": "pipeline.inproc:Transport" if memory else None,
         "result_backend": None,
         "task_ignore_result": True,
         "task_acks_late": True,
@@ -41,7 +43,7 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": (
-            {"polling_interval": 0.005}
+            {}
             if memory
             else {"visibility_timeout": 300, "socket_timeout": 5, "socket_connect_timeout": 5}
         ),
