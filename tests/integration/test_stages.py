@@ -27,6 +27,7 @@ from pipeline.repository import InFlightJob, NewItem, Repository
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import ScenarioClient
 from pipeline.stages import (
+    FINALIZING_MIN,
     SWEEP_MIN_SLEEP,
     Context,
     Sweeper,
@@ -802,7 +803,9 @@ def test_a_job_seen_finalizing_is_looked_at_again_soon_while_its_duration_is_unk
     ctx: Context, sandbox: Sandbox
 ) -> None:
     """A model's first job, seen `finalizing` (its outputs being saved), is about to end:
-    it is looked at again after a twentieth of its age, not a fifth (0.37 s here)."""
+    it is looked at again after a fiftieth of its age, not a fifth (0.37 s here), and the
+    least gap between two lists lets that look through."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, list_interval=None)  # the default gaps
     sandbox.configure(latency=2.0, latency_spread=0.0)  # finalizing from 1.8 s to 2 s
     record(ctx, ["first"])
     sweeper = Sweeper(ctx, sandbox.url)
@@ -817,7 +820,8 @@ def test_a_job_seen_finalizing_is_looked_at_again_soon_while_its_duration_is_unk
     (seen,) = ctx.repo.in_flight_jobs()
     assert seen.status == "finalizing", "the machine was too slow"
     assert seen.due_at is not None
-    assert (seen.due_at - now).total_seconds() == pytest.approx(0.1, abs=0.01)
+    assert (seen.due_at - now).total_seconds() == pytest.approx(0.037, abs=0.008)
+    assert sweeper.state.list_gap == FINALIZING_MIN
 
 
 def test_finished_outputs_whose_wait_ran_out_wait_for_a_group_about_to_finish(

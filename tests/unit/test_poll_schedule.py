@@ -8,6 +8,7 @@ import random
 import pytest
 
 from pipeline.stages import (
+    FINALIZING_MIN,
     FIRST_LOOK_MARGIN,
     POLL_CAP,
     first_look_after,
@@ -46,9 +47,9 @@ def test_without_a_known_duration_looks_come_at_a_fifth_of_the_age() -> None:
 
 def test_without_a_known_duration_a_finalizing_job_is_looked_at_soon() -> None:
     """Its generation is done and its outputs are being saved: a look a fifth of its age
-    later (0.6 s for a 3 s job) would find it ended long before; a twentieth is enough."""
-    assert next_poll_in(2.9, None, 9, finalizing=True) == pytest.approx(0.145)
-    assert next_poll_in(0.9, None, 4, finalizing=True) == pytest.approx(0.1)  # the list gap
+    later (0.6 s for a 3 s job) would find it ended long before; a fiftieth is enough."""
+    assert next_poll_in(2.9, None, 9, finalizing=True) == pytest.approx(0.058)
+    assert next_poll_in(0.9, None, 4, finalizing=True) == pytest.approx(FINALIZING_MIN)
     assert next_poll_in(1e6, None, 50, finalizing=True) == POLL_CAP
     assert next_poll_in(2.9, 3.0, 9, finalizing=True) == next_poll_in(2.9, 3.0, 9)
 
