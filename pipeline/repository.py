@@ -162,6 +162,7 @@ class InFlightJob:
     due_at: datetime | None
     expected_outputs: int
     status: JobStatus | None = None
+    endpoint: str = "custom"  # where it was POSTed: which parallel-jobs cap it holds
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,7 @@ _IN_FLIGHT = (
         JOBS.c.status,
         NODES.c.due_at,
         NODES.c.expected_outputs,
+        NODES.c.endpoint,
     )
     .join(NODES, JOBS.c.node_id == NODES.c.id)
     .where(
@@ -1326,6 +1328,7 @@ class Repository:
                 due_at=r.due_at,
                 expected_outputs=r.expected_outputs,
                 status=r.status,
+                endpoint=r.endpoint,
             )
             for r in rows
         ]

@@ -523,8 +523,16 @@ class PollReport:
     group_until: float | None = None  # monotonic: the poll waits for a group's last job
 
 
-def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
-    """Advance in-flight jobs: one GET /jobs?updatedAfter= for all, per-job GETs if needed."""
+def poll_jobs(
+    ctx: Context, state: SweeperState, freed: Callable[[Counter[str]], bool] | None = None
+) -> PollReport:
+    """Advance in-flight jobs: one GET /jobs?updatedAfter= for all, per-job GETs if needed.
+
+    `freed`, if given, is called with the slots per pool that the jobs seen ending freed,
+    right after the API said so and before any of it is recorded: the sweeper refills them
+    first (and says whether it handed anything out), and the records are written while the
+    new POSTs go out.
+    """
     report = PollReport()
     jobs = ctx.repo.in_flight_jobs()
     if not jobs:
@@ -576,10 +584,6 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     except (TransientError, PermanentError) as exc:
         logger.warning("jobs list poll failed (%s); polling due jobs one by one", exc)
         list_ok = False
-    if list_ok and newest_update is not None:
-        mark = newest_update - timedelta(seconds=ctx.tuning.list_overlap)
-        if mark > watermark:
-            ctx.repo.set_cursor(cursor_key, mark.isoformat())
     # Per-job GETs where the list cannot be trusted: it failed, or a job it never showed
     # is long overdue (a job type the list does not report as expected, an eventually
     # consistent index). Their own backoff schedule keeps these rare.
@@ -596,6 +600,13 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
         except (TransientError, ApiPermanentError) as exc:
             logger.warning("poll of job %s failed: %s", job_id, exc)
     finishing = [j for j in jobs if (p := seen.get(j.scenario_job_id)) and p.status.terminal]
+    refilled = False  # the slots of the jobs seen ending, refilled before the records
+    if freed is not None and finishing:
+        refilled = freed(Counter(pool_of(j.endpoint) for j in finishing))
+    if list_ok and newest_update is not None:
+        mark = newest_update - timedelta(seconds=ctx.tuning.list_overlap)
+        if mark > watermark:
+            ctx.repo.set_cursor(cursor_key, mark.isoformat())
     # The first jobs of a model to finish teach its duration to the others in this very
     # pass: they are then looked at when they should end, not a fifth of their age later.
     learnt: dict[str, list[float]] = {}
@@ -613,7 +624,7 @@ def poll_jobs(ctx: Context, state: SweeperState) -> PollReport:
     state.list_gap = list_interval(ctx, state, jobs, seen)
     # Nothing else is about to finish or to start: collect what finished now rather than
     # in a batch. (A whole wave finishing together while more work waits is no such case.)
-    collect_now = len(finishing) == len(jobs) and not ctx.repo.pending_waits()
+    collect_now = len(finishing) == len(jobs) and not refilled and not ctx.repo.pending_waits()
     changed: list[tuple[int, Job]] = []
     schedule: dict[tuple[int, int], datetime] = {}
     # A model whose jobs take the same time has each job looked at when it should end (a
@@ -801,14 +812,47 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
             return report
         state.lease_renew_at = mono + ttl / 2
     report.ran = True
-    tuning = ctx.tuning
     for run_id in ctx.repo.overdue_runs():
         cancel_run(ctx, run_id, "the run's deadline passed")
+    refill: list[tuple[list[int], dict[str, int]]] = []
+
+    def freed(slots: Counter[str]) -> bool:
+        refill.append(_dispatch(ctx, state, report, slots))
+        return bool(refill[0][0])
+
     try:
-        report.poll = poll_jobs(ctx, state)
+        report.poll = poll_jobs(ctx, state, freed)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
+    handed, in_use = refill[0] if refill else _dispatch(ctx, state, report, Counter())
+    # Collections after submissions: a freed slot is refilled first, its outputs stored
+    # while the next job runs. A pass that handed out submissions holds its collects for
+    # one pass (the submit task's POSTs are then not slowed by a collect's downloads and
+    # records; its acceptances wake the next pass); never two passes in a row.
+    if handed and not state.collect_held:
+        state.collect_held = True
+    else:
+        state.collect_held = False
+        report.collected = _collect(ctx, state, sum(in_use.values()) + len(handed))
+    if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
+        # Runs end when their last node does; nodes finish in polls, collects and tasks.
+        state.runs_at = mono + RUNS_REFRESH
+        report.finished_runs = ctx.repo.refresh_runs()
+    return report
+
+
+def _dispatch(
+    ctx: Context, state: SweeperState, report: TickReport, freed: Counter[str]
+) -> tuple[list[int], dict[str, int]]:
+    """Hand out the submissions that have a slot: the nodes to submit again, and pending
+    ones up to each pool's cap; what was handed out and the slots in use before it.
+
+    `freed` are slots of jobs a list just saw end that are not recorded yet (they still
+    count as in use in the database)."""
+    tuning = ctx.tuning
     in_use = ctx.repo.slots_by_pool()
+    for pool, count in freed.items():
+        in_use[pool] = max(0, in_use.get(pool, 0) - count)
     resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)
     if not state.limits_read:
         state.limits_read = True
@@ -829,20 +873,7 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     for start in range(0, len(handed), tuning.submit_batch):
         ctx.dispatch.submit(handed[start : start + tuning.submit_batch])
     report.submitted = len(handed)
-    # Collections after submissions: a freed slot is refilled first, its outputs stored
-    # while the next job runs. A pass that handed out submissions holds its collects for
-    # one pass (the submit task's POSTs are then not slowed by a collect's downloads and
-    # records; its acceptances wake the next pass); never two passes in a row.
-    if handed and not state.collect_held:
-        state.collect_held = True
-    else:
-        state.collect_held = False
-        report.collected = _collect(ctx, state, sum(in_use.values()) + len(handed))
-    if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
-        # Runs end when their last node does; nodes finish in polls, collects and tasks.
-        state.runs_at = mono + RUNS_REFRESH
-        report.finished_runs = ctx.repo.refresh_runs()
-    return report
+    return handed, in_use
 
 
 def _collect(ctx: Context, state: SweeperState, in_flight: int) -> int:

@@ -712,6 +712,42 @@ def test_a_sweeper_with_no_job_due_yet_sleeps_until_the_groups_last_job_is_due(
     assert pause > 0.17  # past the first job's due time, up to the second's
 
 
+def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_recorded(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """The list that sees jobs end hands out the pending nodes that take their slots first;
+    the ended jobs are recorded after, while the new POSTs go out. The cap still holds."""
+    sandbox.configure(latency=0.2, latency_spread=0.0)
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=2)
+    ctx.repo.policy = ctx.tuning.policy()
+    record(ctx, [f"refill {n}" for n in range(4)])
+    state = SweeperState(api_host="sandbox")
+    sweep(ctx, state)
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, QueueDispatcher)
+    first = list(dispatcher.submits)
+    dispatcher.submits.clear()
+    assert len(first) == 2
+    for node_id in first:
+        submit_node(ctx, node_id)
+    in_flight_at_refill: list[set[int]] = []
+    submit = dispatcher.submit
+
+    def spy(node_ids: Sequence[int]) -> None:
+        in_flight_at_refill.append({j.node_id for j in ctx.repo.in_flight_jobs()})
+        submit(node_ids)
+
+    dispatcher.submit = spy  # type: ignore[method-assign]
+    time.sleep(0.3)  # both jobs ended
+    deadline = time.monotonic() + 5
+    while not dispatcher.submits and time.monotonic() < deadline:
+        sweep(ctx, state)
+        time.sleep(0.01)
+    assert len(dispatcher.submits) == 2 and not set(dispatcher.submits) & set(first)
+    assert in_flight_at_refill == [set(first)]  # handed out before the endings were written
+    assert ctx.repo.in_flight_jobs() == []  # and written in the same pass
+
+
 def test_finished_jobs_are_collected_in_full_batches_while_more_work_comes(
     ctx: Context, sandbox: Sandbox
 ) -> None:
