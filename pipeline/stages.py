@@ -600,13 +600,6 @@ def poll_jobs(
         except (TransientError, ApiPermanentError) as exc:
             logger.warning("poll of job %s failed: %s", job_id, exc)
     finishing = [j for j in jobs if (p := seen.get(j.scenario_job_id)) and p.status.terminal]
-    refilled = False  # the slots of the jobs seen ending, refilled before the records
-    if freed is not None and finishing:
-        refilled = freed(Counter(pool_of(j.endpoint) for j in finishing))
-    if list_ok and newest_update is not None:
-        mark = newest_update - timedelta(seconds=ctx.tuning.list_overlap)
-        if mark > watermark:
-            ctx.repo.set_cursor(cursor_key, mark.isoformat())
     # The first jobs of a model to finish teach its duration to the others in this very
     # pass: they are then looked at when they should end, not a fifth of their age later.
     learnt: dict[str, list[float]] = {}
@@ -615,10 +608,22 @@ def poll_jobs(
         if done.status == JobStatus.SUCCESS:
             took = (done.updated_at - done.created_at).total_seconds()
             learnt.setdefault(j.model, []).append(took)
+    taught = False
     for model, durations in learnt.items():
         # The rest of a first group, now due when it should end, is looked at then, not a
         # list gap later: a group split once would stay split, at a list call per part.
-        state.follow_up = state.learn(ctx, model, durations) or state.follow_up
+        taught = state.learn(ctx, model, durations) or taught
+    state.follow_up = taught or state.follow_up
+    # The slots of the jobs seen ending are refilled before their records are written,
+    # unless they taught a model's first duration: the new jobs' first looks read it from
+    # the database, so it is written first.
+    refilled = False
+    if freed is not None and finishing and not taught:
+        refilled = freed(Counter(pool_of(j.endpoint) for j in finishing))
+    if list_ok and newest_update is not None:
+        mark = newest_update - timedelta(seconds=ctx.tuning.list_overlap)
+        if mark > watermark:
+            ctx.repo.set_cursor(cursor_key, mark.isoformat())
     # The gap to the next list, from what this one taught: durations, or a first job of a
     # model seen finalizing (its next look comes at FINALIZING_MIN).
     state.list_gap = list_interval(ctx, state, jobs, seen)
