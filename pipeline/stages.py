@@ -161,23 +161,24 @@ def warm(ctx: Context) -> None:
     repo.duration_samples("")
 
 
-# Threads that send the POSTs of submit tasks side by side, kept for the process: a freed
-# group of slots is refilled without first starting a thread per POST (about 1 ms of spread
-# over a batch of eight). Started on demand; POSTs out at once never exceed the plan's cap
-# of parallel jobs, which this bounds with room to spare.
-POST_THREADS = 128
-_post_threads: tuple[int, ThreadPoolExecutor] | None = None
-_post_threads_lock = threading.Lock()
+# Threads that send a task's requests side by side (a submit task's POSTs, a collect
+# task's downloads), kept for the process: a freed group of slots is refilled without first
+# starting a thread per POST (about 1 ms of spread over a batch of eight). Started on
+# demand; POSTs out at once never exceed the plan's cap of parallel jobs, downloads the
+# worker threads' collect batches.
+IO_THREADS = 128
+_io_threads: tuple[int, ThreadPoolExecutor] | None = None
+_io_threads_lock = threading.Lock()
 
 
-def post_threads() -> ThreadPoolExecutor:
-    """This process's POST threads (a forked child starts its own)."""
-    global _post_threads
-    with _post_threads_lock:
-        if _post_threads is None or _post_threads[0] != os.getpid():
-            pool = ThreadPoolExecutor(POST_THREADS, thread_name_prefix="pipeline-post")
-            _post_threads = (os.getpid(), pool)
-        return _post_threads[1]
+def io_threads() -> ThreadPoolExecutor:
+    """This process's request threads (a forked child starts its own)."""
+    global _io_threads
+    with _io_threads_lock:
+        if _io_threads is None or _io_threads[0] != os.getpid():
+            pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="pipeline-io")
+            _io_threads = (os.getpid(), pool)
+        return _io_threads[1]
 
 
 def submit_nodes(
@@ -223,7 +224,7 @@ def submit_nodes(
             # The POSTs of a batch go out together: a freed group of slots is refilled at
             # once, not one round trip after another. Every one is awaited before the
             # acceptances are flushed, whatever happens to the others.
-            pool = post_threads()
+            pool = io_threads()
             futures = {pool.submit(one, work): work.node_id for work in works}
             waiting = set(futures)
             while waiting:
@@ -1068,16 +1069,22 @@ def collect_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
         works = {}
     copies = ctx.repo.stored_copies(a for w in works.values() for a in w.asset_ids) if works else {}
     objects: list[NewObject] = []
-    for work in works.values():
+
+    def store(work: CollectWork) -> nodes.Event:
         try:
             store_outputs(ctx, work, assets, copies, objects)
         except TransientError as exc:
-            events[work.node_id] = nodes.Release(owner, str(exc), exc.retry_after)
-            continue
+            return nodes.Release(owner, str(exc), exc.retry_after)
         except PermanentError as exc:
-            events[work.node_id] = nodes.StoreFailed(owner, str(exc), getattr(exc, "hint", None))
-            continue
-        events[work.node_id] = nodes.Stored(owner)
+            return nodes.StoreFailed(owner, str(exc), getattr(exc, "hint", None))
+        return nodes.Stored(owner)
+
+    # The nodes' outputs are downloaded and stored side by side: the last wave of a run is
+    # stored in about the time of one download, not one after another.
+    stored = (
+        io_threads().map(store, works.values()) if len(works) > 1 else map(store, works.values())
+    )
+    events |= {work.node_id: event for work, event in zip(works.values(), stored, strict=True)}
     try:
         moved = ctx.repo.record_collected(objects, events) if events else {}
     except TransientError as exc:

@@ -759,6 +759,38 @@ def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_rec
     assert in_flight_at_refill == [set(second)]  # handed out before the endings were written
 
 
+def test_a_collect_downloads_its_nodes_outputs_side_by_side(ctx: Context, sandbox: Sandbox) -> None:
+    """Four finished items, every CDN download stalling 0.5 s: one collect task stores them
+    in about one stall, not four one after another."""
+    sandbox.configure(latency=0.1, latency_spread=0.0)
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=4)
+    ctx.repo.policy = ctx.tuning.policy()
+    run_id = record(ctx, [f"side by side {n}" for n in range(4)])
+    state = SweeperState(api_host="sandbox")
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, QueueDispatcher)
+    sweep(ctx, state)
+    for node_id in list(dispatcher.submits):
+        submit_node(ctx, node_id)
+    dispatcher.submits.clear()
+    deadline = time.monotonic() + 10
+    collected: set[int] = set()
+    while len(collected) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        sweep(ctx, state)
+        collected = {n for batch in dispatcher.collects for n in batch}
+    assert len(collected) == 4
+    sandbox.configure(fault_slow_rate=1.0, slow_seconds=0.5)
+    started = time.monotonic()
+    results = collect_nodes(ctx, sorted(collected))
+    took = time.monotonic() - started
+    assert set(results.values()) == {"succeeded"}
+    assert took < 1.5, f"{took:.2f} s: the downloads ran one after another"
+    assert sandbox.stats()["faults"]["slow"] == 4
+    sweep(ctx, state)
+    assert report_of(ctx, run_id)["status"] == "succeeded"
+
+
 def test_finished_jobs_are_collected_in_full_batches_while_more_work_comes(
     ctx: Context, sandbox: Sandbox
 ) -> None:
@@ -867,7 +899,8 @@ def test_a_job_seen_finalizing_is_looked_at_again_soon_while_its_duration_is_unk
     (seen,) = ctx.repo.in_flight_jobs()
     assert seen.status == "finalizing", "the machine was too slow"
     assert seen.due_at is not None
-    assert (seen.due_at - now).total_seconds() == pytest.approx(0.037, abs=0.008)
+    # 2% of its age: 37 ms, and what the poll itself took (a twentieth would be 92 ms)
+    assert FINALIZING_MIN <= (seen.due_at - now).total_seconds() < 0.07
     assert sweeper.state.list_gap == FINALIZING_MIN
 
 
