@@ -161,24 +161,24 @@ def warm(ctx: Context) -> None:
     repo.duration_samples("")
 
 
-# Threads that send a task's requests side by side (a submit task's POSTs, a collect
-# task's downloads), kept for the process: a freed group of slots is refilled without first
-# starting a thread per POST (about 1 ms of spread over a batch of eight). Started on
-# demand; POSTs out at once never exceed the plan's cap of parallel jobs, downloads the
-# worker threads' collect batches.
-IO_THREADS = 128
-_io_threads: tuple[int, ThreadPoolExecutor] | None = None
+# Threads that send a task's requests side by side, kept for the process: a freed group of
+# slots is refilled without first starting a thread per POST (about 1 ms of spread over a
+# batch of eight). Started on demand. POSTs and downloads have threads of their own, so a
+# refill never waits behind a big collect: POSTs out at once never exceed the plan's cap
+# of parallel jobs; downloads beyond their threads wait for one.
+IO_THREADS = {"post": 128, "download": 32}
+_io_threads: dict[str, tuple[int, ThreadPoolExecutor]] = {}
 _io_threads_lock = threading.Lock()
 
 
-def io_threads() -> ThreadPoolExecutor:
-    """This process's request threads (a forked child starts its own)."""
-    global _io_threads
+def io_threads(kind: str) -> ThreadPoolExecutor:
+    """This process's threads for POSTs or downloads (a forked child starts its own)."""
     with _io_threads_lock:
-        if _io_threads is None or _io_threads[0] != os.getpid():
-            pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="pipeline-io")
-            _io_threads = (os.getpid(), pool)
-        return _io_threads[1]
+        pid, pool = _io_threads.get(kind, (None, None))
+        if pool is None or pid != os.getpid():
+            pool = ThreadPoolExecutor(IO_THREADS[kind], thread_name_prefix=f"pipeline-{kind}")
+            _io_threads[kind] = (os.getpid(), pool)
+        return pool
 
 
 def submit_nodes(
@@ -224,7 +224,7 @@ def submit_nodes(
             # The POSTs of a batch go out together: a freed group of slots is refilled at
             # once, not one round trip after another. Every one is awaited before the
             # acceptances are flushed, whatever happens to the others.
-            pool = io_threads()
+            pool = io_threads("post")
             futures = {pool.submit(one, work): work.node_id for work in works}
             waiting = set(futures)
             while waiting:
@@ -1082,7 +1082,9 @@ def collect_nodes(ctx: Context, node_ids: Sequence[int]) -> dict[int, str]:
     # The nodes' outputs are downloaded and stored side by side: the last wave of a run is
     # stored in about the time of one download, not one after another.
     stored = (
-        io_threads().map(store, works.values()) if len(works) > 1 else map(store, works.values())
+        io_threads("download").map(store, works.values())
+        if len(works) > 1
+        else map(store, works.values())
     )
     events |= {work.node_id: event for work, event in zip(works.values(), stored, strict=True)}
     try:
