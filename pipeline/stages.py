@@ -729,11 +729,11 @@ def list_interval(
         gap = min(max(0.05 * min(durations), LIST_INTERVAL_MIN), LIST_INTERVAL_MAX)
     else:
         gap = LIST_INTERVAL_MIN
-    latest = {j.scenario_job_id: j.status for j in jobs}
-    latest |= {job_id: job.status for job_id, job in (seen or {}).items()}
-    unknown = [j for j in jobs if not expected[j.model]]
-    if any(latest[j.scenario_job_id] == JobStatus.FINALIZING for j in unknown):
-        gap = min(gap, FINALIZING_MIN)  # a first job about to end: its finalizing looks
+    seen = seen or {}
+    for j in jobs:  # a first job of a model about to end: its finalizing looks
+        status = seen[j.scenario_job_id].status if j.scenario_job_id in seen else j.status
+        if status == JobStatus.FINALIZING and not expected[j.model]:
+            return min(gap, FINALIZING_MIN)
     return gap
 
 

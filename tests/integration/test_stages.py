@@ -659,24 +659,31 @@ def test_a_full_pool_does_not_keep_the_sweeper_spinning(ctx: Context, sandbox: S
     assert sweeper._sleep_after(second) == ctx.tuning.tick
 
 
-def test_a_poll_waiting_for_a_groups_last_job_sleeps_until_it_is_due(
-    ctx: Context, sandbox: Sandbox
-) -> None:
-    """Every job of a group that finished freed a slot: the sweeper looks when the last
-    one is due, to the millisecond, not after its usual least sleep."""
+def grouped_pair(ctx: Context, sandbox: Sandbox, first_in: float, second_in: float) -> Sweeper:
+    """Two jobs of a model whose jobs take 3 s (a 60 ms group window) in flight, due
+    `first_in` and `second_in` seconds from now; the sweeper that handed them out."""
     record(ctx, [f"grouped {n}" for n in range(2)])
     sweeper = Sweeper(ctx, sandbox.url)
     sweeper.tick()
     submit_nodes(ctx, list(ctx.dispatch.submits))  # type: ignore[attr-defined]
     first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
-    sweeper.state.samples_cache[MODEL] = (time.monotonic(), [3.0])  # a 60 ms group window
+    sweeper.state.samples_cache[MODEL] = (time.monotonic(), [3.0])
     now = ctx.now()
     ctx.repo.schedule_polls(
         {
-            (first.row_id, first.node_id): now - timedelta(milliseconds=5),
-            (second.row_id, second.node_id): now + timedelta(milliseconds=50),
+            (first.row_id, first.node_id): now + timedelta(seconds=first_in),
+            (second.row_id, second.node_id): now + timedelta(seconds=second_in),
         }
     )
+    return sweeper
+
+
+def test_a_poll_waiting_for_a_groups_last_job_sleeps_until_it_is_due(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """Every job of a group that finished freed a slot: the sweeper looks when the last
+    one is due, to the millisecond, not after its usual least sleep."""
+    sweeper = grouped_pair(ctx, sandbox, first_in=-0.005, second_in=0.05)
     report = sweeper.tick()
     assert report.poll.list_calls == 0 and report.poll.group_until is not None
     time.sleep(max(0.0, report.poll.group_until - time.monotonic() - 0.008))
@@ -692,19 +699,7 @@ def test_a_sweeper_with_no_job_due_yet_sleeps_until_the_groups_last_job_is_due(
     sweeper's wake-up is that moment, not its first job's due time (a pass then would only
     find that it must wait, and its queries would delay the list)."""
     ctx.tuning = dataclasses.replace(ctx.tuning, tick=1.0)
-    record(ctx, [f"grouped {n}" for n in range(2)])
-    sweeper = Sweeper(ctx, sandbox.url)
-    sweeper.tick()
-    submit_nodes(ctx, list(ctx.dispatch.submits))  # type: ignore[attr-defined]
-    first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
-    sweeper.state.samples_cache[MODEL] = (time.monotonic(), [3.0])  # a 60 ms group window
-    now = ctx.now()
-    ctx.repo.schedule_polls(
-        {
-            (first.row_id, first.node_id): now + timedelta(milliseconds=150),
-            (second.row_id, second.node_id): now + timedelta(milliseconds=200),
-        }
-    )
+    sweeper = grouped_pair(ctx, sandbox, first_in=0.15, second_in=0.2)
     report = sweeper.tick()
     assert report.poll.list_calls == 0 and report.poll.group_until is not None
     pause = sweeper._sleep_after(report)
