@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -52,6 +52,7 @@ POLL_MIN_SLEEP = 0.001  # the least wait for a poll that is due to the milliseco
 RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
 FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed before its POST
 RECORD_EVERY = 0.1  # seconds: how often a batch records the acceptances of its POSTs
+REFILL_HOLD = 0.05  # seconds the sweeper waits for the answers to a refill's POSTs
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -83,6 +84,9 @@ class Tuning:
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
     submit_batch: int = 10  # nodes per submit task at most (their SQL is batched, POSTs parallel)
+    # The slots a list saw freed (up to a batch of them) are refilled by the sweeper itself,
+    # not by a submit task: the POSTs go out before the list's records are written.
+    send_refills: bool = True
     collect_batch: int = 25  # nodes per collect task (one get-bulk for all their assets)
     # Gather finished nodes up to this long into one collect task: a finished job holds no
     # slot and its children are already spawned, so storing later costs nothing but one
@@ -166,7 +170,7 @@ def warm(ctx: Context) -> None:
 # batch of eight). Started on demand. POSTs and downloads have threads of their own, so a
 # refill never waits behind a big collect: POSTs out at once never exceed the plan's cap
 # of parallel jobs; downloads beyond their threads wait for one.
-IO_THREADS = {"post": 128, "download": 32}
+IO_THREADS = {"post": 128, "download": 32, "settle": 8}
 _io_threads: dict[str, tuple[int, ThreadPoolExecutor]] = {}
 _io_threads_lock = threading.Lock()
 
@@ -197,48 +201,108 @@ def submit_nodes(
     transient error on one node (the database blinked) leaves it to its claim's expiry,
     not the others.
     """
+    sending = _prepare(ctx, node_ids, dispatched_at)
+    if len(sending.works) == 1:  # no thread to start: the task's own sends it
+        try:
+            sending.results[sending.works[0].node_id] = sending.one(ctx, sending.works[0])
+        finally:
+            sending.batch.flush(ctx)
+        return _accepted(ctx, sending)
+    return _settle(ctx, sending, _post(ctx, sending))
+
+
+def send_here(ctx: Context, node_ids: Sequence[int]) -> None:
+    """Submit a small refill from this thread, the sweeper's, with no task in between: the
+    claims, reads and intents are written now, the POSTs go out on this process's threads,
+    and a thread of its own records their acceptances. The sweeper records what its list
+    saw while the POSTs are out; the nodes are no less exactly-once (the same claims and
+    intents), and a process that dies with them leaves them to their claims' expiry."""
+    sending = _prepare(ctx, node_ids, time.time())
+    if not sending.works:
+        return
+    futures = _post(ctx, sending)
+    # The POST threads need the interpreter to build and send their requests: the
+    # sweeper's records of the list would hold them back for milliseconds. It waits for
+    # their answers first (a few ms), and leaves the slow ones to a thread of their own.
+    _, waiting = wait(futures, timeout=REFILL_HOLD)
+    if waiting:
+        io_threads("settle").submit(_settle_logged, ctx, sending, futures)
+    else:
+        _settle_logged(ctx, sending, futures)
+
+
+@dataclass
+class _Sending:
+    """A batch of claimed nodes on its way: what each POST needs, and what happened."""
+
+    owner: str
+    results: dict[int, str]
+    works: list[SubmitWork]
+    intents: dict[int, int]
+    batch: _Batch
+
+    def one(self, ctx: Context, work: SubmitWork) -> str:
+        try:
+            return _submit(ctx, work, self.owner, self.intents.get(work.node_id), self.batch)
+        except TransientError as exc:
+            logger.warning("submit of node %s deferred: %s", work.node_id, exc)
+            return "deferred"
+
+
+def _prepare(ctx: Context, node_ids: Sequence[int], dispatched_at: float | None) -> _Sending:
+    """Claim the nodes, read what their POSTs need and write their intents."""
     owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
     results = dict.fromkeys(node_ids, "not-claimed")
     batch = _Batch(claimed_at=time.monotonic(), dispatched_at=dispatched_at)
     claimed = ctx.repo.claim(node_ids, owner, NodeState.SUBMITTING)
     if not claimed:
-        return results
+        return _Sending(owner, results, [], {}, batch)
     results.update(dict.fromkeys(claimed, "missing"))
     works = ctx.repo.submit_works(claimed)
     fresh = [w.node_id for w in works if w.open_intent_id is None and w.attempts < w.max_attempts]
     intents = ctx.repo.record_intents(fresh, owner) if fresh else {}
-
-    def one(work: SubmitWork) -> str:
-        try:
-            return _submit(ctx, work, owner, intents.get(work.node_id), batch)
-        except TransientError as exc:
-            logger.warning("submit of node %s deferred: %s", work.node_id, exc)
-            return "deferred"
-
     for work in works:
         batch.first_look(ctx, work.model)  # read here, not by each POST's thread
+    return _Sending(owner, results, works, intents, batch)
+
+
+def _post(ctx: Context, sending: _Sending) -> dict[Future[str], int]:
+    """The batch's POSTs, out together on this process's threads: a freed group of slots
+    is refilled at once, not one round trip after another."""
+    pool = io_threads("post")
+    return {pool.submit(sending.one, ctx, work): work.node_id for work in sending.works}
+
+
+def _settle(ctx: Context, sending: _Sending, futures: dict[Future[str], int]) -> dict[int, str]:
+    """Await every POST of the batch, whatever happens to the others, recording the
+    acceptances as they come (a slow POST does not hold back the quick ones' records)."""
     try:
-        if len(works) == 1:
-            results[works[0].node_id] = one(works[0])
-        else:
-            # The POSTs of a batch go out together: a freed group of slots is refilled at
-            # once, not one round trip after another. Every one is awaited before the
-            # acceptances are flushed, whatever happens to the others.
-            pool = io_threads("post")
-            futures = {pool.submit(one, work): work.node_id for work in works}
-            waiting = set(futures)
-            while waiting:
-                _, waiting = wait(waiting, timeout=RECORD_EVERY)
-                if waiting:  # a slow POST does not hold back the quick ones' records
-                    batch.flush(ctx)
-            for future, node_id in futures.items():
-                results[node_id] = future.result()  # re-raises an unexpected error
+        waiting = set(futures)
+        while waiting:
+            _, waiting = wait(waiting, timeout=RECORD_EVERY)
+            if waiting:
+                sending.batch.flush(ctx)
+        for future, node_id in futures.items():
+            sending.results[node_id] = future.result()  # re-raises an unexpected error
     finally:
-        batch.flush(ctx)  # whatever happens, what Scenario accepted is recorded if it can be
-    _count_acceptances(ctx, batch.accepted)
-    if batch.accepted:
+        sending.batch.flush(ctx)  # whatever happens, what Scenario accepted is recorded
+    return _accepted(ctx, sending)
+
+
+def _settle_logged(ctx: Context, sending: _Sending, futures: dict[Future[str], int]) -> None:
+    """`_settle` on a thread no one waits on: what went wrong is logged."""
+    try:
+        outcome = _settle(ctx, sending, futures)
+        logger.debug("refill sent by the sweeper: %s", outcome)
+    except Exception:
+        logger.exception("a refill sent by the sweeper failed; its nodes wait for their claims")
+
+
+def _accepted(ctx: Context, sending: _Sending) -> dict[int, str]:
+    _count_acceptances(ctx, sending.batch.accepted)
+    if sending.batch.accepted:
         ctx.wake.set()
-    return results
+    return sending.results
 
 
 @dataclass
@@ -823,14 +887,15 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     refill: list[tuple[list[int], dict[str, int]]] = []
 
     def freed(slots: Counter[str]) -> bool:
-        refill.append(_dispatch(ctx, state, report, slots))
+        refill.append(_dispatch(ctx, state, report, slots, here=True))
         return bool(refill[0][0])
 
     try:
         report.poll = poll_jobs(ctx, state, freed)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
-    handed, in_use = refill[0] if refill else _dispatch(ctx, state, report, Counter())
+    ended = bool(report.poll.finished or report.poll.failed)  # a refill, recorded first
+    handed, in_use = refill[0] if refill else _dispatch(ctx, state, report, Counter(), ended)
     # Collections after submissions: a freed slot is refilled first, its outputs stored
     # while the next job runs. A pass that handed out submissions holds its collects for
     # one pass (the submit task's POSTs are then not slowed by a collect's downloads and
@@ -848,13 +913,14 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
 
 
 def _dispatch(
-    ctx: Context, state: SweeperState, report: TickReport, freed: Counter[str]
+    ctx: Context, state: SweeperState, report: TickReport, freed: Counter[str], here: bool
 ) -> tuple[list[int], dict[str, int]]:
     """Hand out the submissions that have a slot: the nodes to submit again, and pending
     ones up to each pool's cap; what was handed out and the slots in use before it.
 
     `freed` are slots of jobs a list just saw end that are not recorded yet (they still
-    count as in use in the database)."""
+    count as in use in the database). `here`: the slots of jobs a list just saw end are
+    refilled, by this thread if they are few (`Tuning.send_refills`)."""
     tuning = ctx.tuning
     in_use = ctx.repo.slots_by_pool()
     for pool, count in freed.items():
@@ -875,11 +941,17 @@ def _dispatch(
         handed = ctx.repo.dispatch_pending(room, pool)
         fresh += handed
         report.full = report.full or len(handed) >= room
-    handed = resubmit + fresh
-    for start in range(0, len(handed), tuning.submit_batch):
-        ctx.dispatch.submit(handed[start : start + tuning.submit_batch])
-    report.submitted = len(handed)
-    return handed, in_use
+    # A few new submissions into slots a list saw freed go out from here, with no queue
+    # between the list and their POSTs. Nodes handed out again may need a reconciliation
+    # (a list call of its own) and a big batch is worth spreading over the workers: tasks.
+    queued = resubmit + fresh
+    if here and tuning.send_refills and 0 < len(fresh) <= tuning.submit_batch:
+        queued = resubmit
+        send_here(ctx, fresh)
+    for start in range(0, len(queued), tuning.submit_batch):
+        ctx.dispatch.submit(queued[start : start + tuning.submit_batch])
+    report.submitted = len(resubmit) + len(fresh)
+    return resubmit + fresh, in_use
 
 
 def _collect(ctx: Context, state: SweeperState, in_flight: int) -> int:

@@ -707,51 +707,71 @@ def test_a_sweeper_with_no_job_due_yet_sleeps_until_the_groups_last_job_is_due(
     assert pause > 0.17  # past the first job's due time, up to the second's
 
 
+@pytest.mark.parametrize("send_refills", [True, False], ids=["by-the-sweeper", "by-tasks"])
 def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_recorded(
-    ctx: Context, sandbox: Sandbox
+    ctx: Context, sandbox: Sandbox, send_refills: bool
 ) -> None:
-    """The list that sees jobs end hands out the pending nodes that take their slots first;
-    the ended jobs are recorded after, while the new POSTs go out. Not so for the first jobs
-    of a model: the duration they teach is read from the database by the new jobs' submit
-    task, so they are recorded first. The cap holds either way."""
+    """The list that sees jobs end hands out the pending nodes that take their slots first:
+    the sweeper POSTs them itself (or hands them to submit tasks), and the ended jobs are
+    recorded after. Not so for the first jobs of a model: the duration they teach is read
+    from the database for the new jobs' first looks, so they are recorded first. The cap
+    holds either way."""
     sandbox.configure(latency=0.2, latency_spread=0.0)
-    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=2)
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=2, send_refills=send_refills)
     ctx.repo.policy = ctx.tuning.policy()
     record(ctx, [f"refill {n}" for n in range(6)])
     state = SweeperState(api_host="sandbox")
     sweep(ctx, state)
     dispatcher = ctx.dispatch
     assert isinstance(dispatcher, QueueDispatcher)
+    first = list(dispatcher.submits)  # a run's first wave: submit tasks
+    dispatcher.submits.clear()
+    for node_id in first:
+        submit_node(ctx, node_id)
+    # What the database held in flight when each refill was sent (a POST, or a task).
     in_flight_at_refill: list[set[int]] = []
-    submit = dispatcher.submit
+    sent: list[int] = []
+    generate, submit = ctx.client.generate, dispatcher.submit
 
-    def spy(node_ids: Sequence[int]) -> None:
+    def spy_post(*args: Any, **kwargs: Any) -> Any:
+        in_flight_at_refill.append({j.node_id for j in ctx.repo.in_flight_jobs()})
+        return generate(*args, **kwargs)
+
+    def spy_task(node_ids: Sequence[int]) -> None:
         in_flight_at_refill.append({j.node_id for j in ctx.repo.in_flight_jobs()})
         submit(node_ids)
-
-    dispatcher.submit = spy  # type: ignore[method-assign]
-
-    def next_wave() -> list[int]:
-        """Submit the wave handed out, wait for its jobs to end, sweep until it is refilled."""
-        wave = list(dispatcher.submits)
-        dispatcher.submits.clear()
-        assert len(wave) == 2
-        for node_id in wave:
+        for node_id in node_ids:
             submit_node(ctx, node_id)
+
+    if send_refills:
+        ctx.client.generate = spy_post  # type: ignore[method-assign]
+    dispatcher.submit = spy_task  # type: ignore[method-assign]
+
+    def next_wave(wave: list[int]) -> list[int]:
+        """Wait for the wave's jobs to end, sweep until its slots are refilled; the new wave."""
         in_flight_at_refill.clear()
         time.sleep(0.3)  # both jobs ended
         deadline = time.monotonic() + 5
-        while not dispatcher.submits and time.monotonic() < deadline:
+        while len(in_flight_at_refill) < (2 if send_refills else 1):
+            assert time.monotonic() < deadline, "the freed slots were not refilled"
             sweep(ctx, state)
             time.sleep(0.01)
-        assert len(dispatcher.submits) == 2 and not set(dispatcher.submits) & set(wave)
-        assert ctx.repo.in_flight_jobs() == []  # the endings are written in the same pass
-        return wave
+        refill = [j.node_id for j in ctx.repo.in_flight_jobs()]
+        while len(refill) < 2 and time.monotonic() < deadline:  # their acceptances recorded
+            time.sleep(0.01)
+            refill = [j.node_id for j in ctx.repo.in_flight_jobs()]
+        assert len(refill) == 2 and not set(refill) & set(wave)  # the cap: two, both new
+        assert (sent == refill) if not send_refills else not dispatcher.submits
+        return refill
 
-    next_wave()
-    assert in_flight_at_refill == [set()]  # a first duration: recorded before the refill
-    second = next_wave()
-    assert in_flight_at_refill == [set(second)]  # handed out before the endings were written
+    if not send_refills:
+        sent = dispatcher.submits
+    second = next_wave(first)
+    assert all(seen == set() for seen in in_flight_at_refill)  # a first duration: recorded first
+    dispatcher.submits.clear()
+    next_wave(second)
+    # Handed out before the endings were written.
+    assert all(seen == set(second) for seen in in_flight_at_refill)
 
 
 def test_a_collect_downloads_its_nodes_outputs_side_by_side(ctx: Context, sandbox: Sandbox) -> None:
