@@ -649,6 +649,7 @@ def poll_jobs(
     except (TransientError, PermanentError) as exc:
         logger.warning("jobs list poll failed (%s); polling due jobs one by one", exc)
         list_ok = False
+    listed_at = time.monotonic()
     # Per-job GETs where the list cannot be trusted: it failed, or a job it never showed
     # is long overdue (a job type the list does not report as expected, an eventually
     # consistent index). Their own backoff schedule keeps these rare.
@@ -731,10 +732,21 @@ def poll_jobs(
         elapsed = (now - j.accepted_at).total_seconds()
         status = polled.status if polled is not None else j.status
         delay = next_poll_in(elapsed, expected, j.polls, finalizing=status == JobStatus.FINALIZING)
+        if expected is None and polled is not None and polled.status == JobStatus.IN_PROGRESS:
+            # A first job of a model: its progress may say it ends before a look at a fifth
+            # of its age would see it (never later: a progress that jumps to 1 at the end
+            # is no later seen than without it). Never more often than a finalizing job is
+            # looked at: a progress crawling near 1 costs no more list calls.
+            eta = state.progress_eta(j.scenario_job_id, polled.progress, listed_at)
+            if eta is not None:
+                soonest = max(FINALIZING_STEP * elapsed, FINALIZING_MIN)
+                delay = min(delay, max(eta + FIRST_LOOK_MARGIN, soonest))
         ahead_of_it = j.model in varying and state.samples(ctx, j.model)[-1] > elapsed
         if ahead is not None and expected and ahead_of_it:  # not past every known duration
             delay = ahead + FIRST_LOOK_MARGIN
         schedule[(j.row_id, j.node_id)] = now + timedelta(seconds=delay)
+    for job_id in state.progress_seen.keys() - by_id.keys():
+        del state.progress_seen[job_id]  # ended, or gone
     moved = ctx.repo.apply_jobs(changed, collect_now=collect_now) if changed else {}
     for j in finishing:
         new_state = moved.get(j.row_id)
@@ -825,6 +837,20 @@ class SweeperState:
     runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
     collect_held: bool = False  # the last pass handed out submissions and held its collects
     samples_cache: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
+    # Job id: (monotonic time, progress) when a list last saw it running, while its model's
+    # duration is unknown (`progress_eta`).
+    progress_seen: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def progress_eta(self, job_id: str, progress: float, at: float) -> float | None:
+        """Seconds until a running job's progress reaches 1 at the rate it rose since the
+        last list saw it, or None (first seen, not rising, or done). Both looks are timed
+        by our clock, so a skew between it and Scenario's does not matter."""
+        before = self.progress_seen.get(job_id)
+        self.progress_seen[job_id] = (at, progress)
+        if before is None or not before[1] < progress < 1.0 or at <= before[0]:
+            return None
+        rate = (progress - before[1]) / (at - before[0])
+        return (1.0 - progress) / rate
 
     def samples(self, ctx: Context, model: str) -> list[float]:
         """A model's recent job durations, sorted, re-read every few seconds (soon while

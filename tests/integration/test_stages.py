@@ -774,6 +774,35 @@ def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_rec
     assert all(seen == set(second) for seen in in_flight_at_refill)
 
 
+def test_a_first_job_of_a_model_is_next_looked_at_when_its_progress_says_it_ends(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """While a model's duration is unknown, two lists that see a job's progress rise put
+    its next look where that progress reaches 1 if that comes before a fifth of its age."""
+    sandbox.configure(latency=2.0, latency_spread=0.0)  # in progress from 0.6 s to 1.8 s
+    record(ctx, ["progress"])
+    state = SweeperState(api_host="sandbox")
+    sweep(ctx, state)
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, QueueDispatcher)
+    submit_node(ctx, dispatcher.submits[0])
+    (job,) = ctx.repo.in_flight_jobs()
+
+    def look_at(age: float) -> float:
+        """List the job at this age; the age at which its next look is due."""
+        time.sleep(max(0.0, (job.accepted_at - ctx.now()).total_seconds() + age))
+        ctx.repo.schedule_polls({(job.row_id, job.node_id): ctx.now()})
+        state.last_list_at = float("-inf")
+        assert poll_jobs(ctx, state).list_calls == 1
+        (after,) = ctx.repo.in_flight_jobs()
+        assert after.status == "in-progress" and after.due_at is not None
+        return (after.due_at - job.accepted_at).total_seconds()
+
+    look_at(1.5)
+    next_look = look_at(1.7)  # progress 0.825, rising 0.75 a second: 1 at 1.93 s
+    assert 1.85 <= next_look <= 2.0  # a fifth of its age later: 2.04 s
+
+
 def test_a_collect_downloads_its_nodes_outputs_side_by_side(ctx: Context, sandbox: Sandbox) -> None:
     """Four finished items, every CDN download stalling 0.5 s: one collect task stores them
     in about one stall, not four one after another."""

@@ -11,6 +11,7 @@ from pipeline.stages import (
     FINALIZING_MIN,
     FIRST_LOOK_MARGIN,
     POLL_CAP,
+    SweeperState,
     first_look_after,
     next_list_in,
     next_poll_in,
@@ -100,3 +101,13 @@ def test_no_list_is_planned_for_jobs_past_every_known_duration_or_without_one() 
     assert next_list_in([(5.0, [3.0] * 20)], window=0.06) is None
     assert next_list_in([(1.0, [])], window=0.06) is None
     assert next_list_in([], window=0.06) is None
+
+
+def test_a_jobs_progress_rising_between_two_lists_says_when_it_ends() -> None:
+    state = SweeperState(api_host="api")
+    assert state.progress_eta("job", 0.2, at=10.0) is None  # one look: no rate yet
+    assert state.progress_eta("job", 0.4, at=11.0) == pytest.approx(3.0)  # 0.2 a second
+    assert state.progress_eta("job", 0.4, at=12.0) is None  # not rising: no estimate
+    assert state.progress_eta("job", 0.7, at=13.0) == pytest.approx(1.0)  # 0.3 a second
+    assert state.progress_eta("job", 1.0, at=14.0) is None  # done
+    assert state.progress_eta("other", 0.9, at=14.0) is None  # each job its own
