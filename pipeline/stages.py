@@ -908,8 +908,6 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
             return report
         state.lease_renew_at = mono + ttl / 2
     report.ran = True
-    for run_id in ctx.repo.overdue_runs():
-        cancel_run(ctx, run_id, "the run's deadline passed")
     refill: list[tuple[list[int], dict[str, int]]] = []
 
     def freed(slots: Counter[str]) -> bool:
@@ -920,6 +918,10 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         report.poll = poll_jobs(ctx, state, freed)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
+    # Deadlines after the list: their query does not delay a wave's refill, which a run
+    # overdue since the last pass (half a second at most) may have had.
+    for run_id in ctx.repo.overdue_runs():
+        cancel_run(ctx, run_id, "the run's deadline passed")
     ended = bool(report.poll.finished or report.poll.failed)  # a refill, recorded first
     handed, in_use = refill[0] if refill else _dispatch(ctx, state, report, Counter(), ended)
     # Collections after submissions: a freed slot is refilled first, its outputs stored
