@@ -214,9 +214,10 @@ def submit_nodes(
 def send_here(ctx: Context, node_ids: Sequence[int]) -> None:
     """Submit a small refill from this thread, the sweeper's, with no task in between: the
     claims, reads and intents are written now, the POSTs go out on this process's threads,
-    and a thread of its own records their acceptances. The sweeper records what its list
-    saw while the POSTs are out; the nodes are no less exactly-once (the same claims and
-    intents), and a process that dies with them leaves them to their claims' expiry."""
+    and their acceptances are recorded here if they come within `REFILL_HOLD` (by a thread
+    of their own if not), before the sweeper records what its list saw. The nodes are no
+    less exactly-once (the same claims and intents), and a process that dies with them
+    leaves them to their claims' expiry."""
     sending = _prepare(ctx, node_ids, time.time())
     if not sending.works:
         return
