@@ -934,7 +934,7 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     else:
         state.collect_held = False
         report.collected = _collect(ctx, state, sum(in_use.values()) + len(handed))
-    if report.poll.finished or report.poll.failed or report.collected or mono > state.runs_at:
+    if ended or report.collected or mono > state.runs_at:
         # Runs end when their last node does; nodes finish in polls, collects and tasks.
         state.runs_at = mono + RUNS_REFRESH
         report.finished_runs = ctx.repo.refresh_runs()
