@@ -6,12 +6,14 @@ generation refused with 429 for concurrency created nothing and bills nothing, s
 can be learned safely:
 
 - when the key may read `GET /teams/{teamId}/limits`, that is the cap, and nothing is probed;
-- otherwise start at what was learned before for this API key (or `INITIAL`); each time the
-  API accepts a submission that fills the cap (as many jobs running, accepted, as the cap
-  allows) while work waits, raise it by half to probe (4, 6, 9, ...); on a refusal drop to
-  one above the number of jobs running when it came (about what the API allows). Counting
-  accepted jobs, not the ones still being sent, keeps a probe to one step past what the
-  API has shown it takes: one or two refusals, not a burst of them;
+- otherwise start at what was learned before for this API key (or `INITIAL`, one submit
+  batch: a first wave goes out in one step, not in a round trip per doubling; a plan that
+  allows fewer refuses the rest, once per key, for free); each time the API accepts a
+  submission that fills the cap (as many jobs running, accepted, as the cap allows) while
+  work waits, raise it by half to probe (10, 15, 22, ...); on a refusal drop to one above
+  the number of jobs running when it came (about what the API allows). Counting accepted
+  jobs, not the ones still being sent, keeps a probe to one step past what the API has
+  shown it takes;
 - after the first refusal, grow only by one per `ROUNDS_PER_PROBE` full rounds of the cap,
   so probing costs a refusal every hundred jobs or more, not every few.
 
@@ -30,7 +32,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
-INITIAL = 4  # the cap of an API key we know nothing about
+INITIAL = 10  # the cap of an API key we know nothing about: one submit batch
 ROUNDS_PER_PROBE = 16  # at a cap of 8: one probe (one free refusal) per 128 jobs
 LIMITS_TTL = 24 * 3600.0  # the plan's limits are asked for at most this often per API key
 POOLS = ("custom", "inference")

@@ -11,6 +11,7 @@ from pipeline.capacity import (
     cursor_name,
     pool_of,
 )
+from pipeline.stages import Tuning
 
 
 class Cursors(dict[str, str]):
@@ -21,16 +22,16 @@ class Cursors(dict[str, str]):
         self[name] = value
 
 
-def test_an_unknown_plan_starts_small_and_grows_by_half_when_the_api_takes_a_full_cap() -> None:
+def test_an_unknown_plan_starts_at_one_batch_and_grows_by_half_when_the_api_takes_it() -> None:
     cap = Cap()
-    assert cap.limit(None) == INITIAL
+    assert cap.limit(None) == INITIAL == Tuning().submit_batch  # a first wave: one step
     assert cap.accepted(INITIAL, waiting=False) == cap  # no demand, no evidence
     for running in range(1, INITIAL):  # the first jobs, accepted one by one: no news yet
         assert cap.accepted(running, waiting=True) == cap
     cap = cap.accepted(INITIAL, waiting=True)
-    assert cap.value == 6
-    assert cap.accepted(5, waiting=True) == cap  # taken, but the cap was not full
-    assert cap.accepted(6, waiting=True).value == 9
+    assert cap.value == 15
+    assert cap.accepted(14, waiting=True) == cap  # taken, but the cap was not full
+    assert cap.accepted(15, waiting=True).value == 22
 
 
 def test_a_refusal_sets_the_cap_to_one_above_what_was_running_then_probing_slows_down() -> None:
