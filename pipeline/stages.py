@@ -84,9 +84,11 @@ class Tuning:
     reconcile_window: float = 120.0  # createdAfter = intent time minus this
     resubmit_delay: float = 2.0  # wait before a failed generation's next attempt
     submit_batch: int = 10  # nodes per submit task at most (their SQL is batched, POSTs parallel)
-    # The slots a list saw freed (up to a batch of them) are refilled by the sweeper itself,
-    # not by a submit task: the POSTs go out before the list's records are written.
-    send_refills: bool = True
+    # Small work is done by the sweeper's own thread, not handed to a task: up to a batch of
+    # new submissions (the slots a list saw freed, a run's first wave), whose POSTs go out
+    # before the list's records are written, and the collect of the last jobs in flight,
+    # after which the runs they end are marked at once.
+    in_sweeper: bool = True
     collect_batch: int = 25  # nodes per collect task (one get-bulk for all their assets)
     # Gather finished nodes up to this long into one collect task: a finished job holds no
     # slot and its children are already spawned, so storing later costs nothing but one
@@ -125,6 +127,8 @@ class Context:
     rng: random.Random = field(default_factory=random.Random)
     capacity: CapacityStore | None = None
     wake: threading.Event = field(default_factory=threading.Event)
+    limits_read: bool = False  # the plan's caps are read at most once per process
+    limits_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.repo.policy = self.tuning.policy()
@@ -153,7 +157,11 @@ def warm(ctx: Context) -> None:
     A message through a fresh worker's queue sets up the producer's channel, the
     consumer's first delivery and a pool thread; the read queries of the sweep and of a
     submission compile on their first run (SQLAlchemy caches them per engine). Paid by a
-    run's first wave, they cost it about 35 ms before its first POST. Read-only.
+    run's first wave, they cost it about 35 ms before its first POST. The threads of a
+    first wave's POSTs are started (each started on demand delays the POSTs after it by
+    about a millisecond), and the sweeper's one read of the plan's limits is done (two
+    requests: the first wave does not wait for them). Writes nothing but that read's
+    timestamp.
     """
     repo = ctx.repo
     repo.overdue_runs()
@@ -163,6 +171,8 @@ def warm(ctx: Context) -> None:
     repo.pending_waits()
     repo.next_due()
     repo.duration_samples("")
+    start_threads("post", ctx.tuning.submit_batch)
+    read_limits(ctx)
 
 
 # Threads that send a task's requests side by side, kept for the process: a freed group of
@@ -183,6 +193,31 @@ def io_threads(kind: str) -> ThreadPoolExecutor:
             pool = ThreadPoolExecutor(IO_THREADS[kind], thread_name_prefix=f"pipeline-{kind}")
             _io_threads[kind] = (os.getpid(), pool)
         return pool
+
+
+def start_threads(kind: str, count: int) -> None:
+    """Have at least `count` of this process's `kind` threads started (`io_threads`)."""
+    pool = io_threads(kind)
+    gate = threading.Event()
+    held = [pool.submit(gate.wait, 5.0) for _ in range(count)]  # each busy: the next starts one
+    gate.set()
+    wait(held)
+
+
+def read_limits(ctx: Context) -> None:
+    """Once per process: the plan's caps when the key may read them (`capacity`), at most
+    once per LIMITS_TTL per API key. The warm-up does it while a run is recorded; a
+    sweeper that comes first does it itself, and the other waits for it."""
+    with ctx.limits_lock:
+        if ctx.limits_read:
+            return
+        ctx.limits_read = True
+        now = time.time()
+        if ctx.caps.limits_due(now):
+            limits = ctx.client.plan_limits()
+            if limits:
+                ctx.caps.known(limits)
+            ctx.caps.limits_asked(now)
 
 
 def submit_nodes(
@@ -829,7 +864,6 @@ class SweeperState:
 
     api_host: str
     last_list_at: float = float("-inf")
-    limits_read: bool = False  # the plan's caps are read at most once per sweeper
     list_gap: float = 0.0  # the least time between two list polls, as last computed
     follow_up: bool = False  # the last list taught a duration: the next one skips the gap
     window_until: float = float("-inf")  # monotonic end of the wait that batches a poll
@@ -912,7 +946,7 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     refill: list[tuple[list[int], dict[str, int]]] = []
 
     def freed(slots: Counter[str]) -> bool:
-        refill.append(_dispatch(ctx, state, report, slots, here=True))
+        refill.append(_dispatch(ctx, report, slots))
         return bool(refill[0][0])
 
     try:
@@ -924,7 +958,7 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     for run_id in ctx.repo.overdue_runs():
         cancel_run(ctx, run_id, "the run's deadline passed")
     ended = bool(report.poll.finished or report.poll.failed)  # a refill, recorded first
-    handed, in_use = refill[0] if refill else _dispatch(ctx, state, report, Counter(), ended)
+    handed, in_use = refill[0] if refill else _dispatch(ctx, report, Counter())
     # Collections after submissions: a freed slot is refilled first, its outputs stored
     # while the next job runs. A pass that handed out submissions holds its collects for
     # one pass (the submit task's POSTs are then not slowed by a collect's downloads and
@@ -942,27 +976,20 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
 
 
 def _dispatch(
-    ctx: Context, state: SweeperState, report: TickReport, freed: Counter[str], here: bool
+    ctx: Context, report: TickReport, freed: Counter[str]
 ) -> tuple[list[int], dict[str, int]]:
     """Hand out the submissions that have a slot: the nodes to submit again, and pending
     ones up to each pool's cap; what was handed out and the slots in use before it.
 
     `freed` are slots of jobs a list just saw end that are not recorded yet (they still
-    count as in use in the database). `here`: the slots of jobs a list just saw end are
-    refilled, by this thread if they are few (`Tuning.send_refills`)."""
+    count as in use in the database). A few new submissions are sent by this thread, the
+    sweeper's (`Tuning.in_sweeper`)."""
     tuning = ctx.tuning
     in_use = ctx.repo.slots_by_pool()
     for pool, count in freed.items():
         in_use[pool] = max(0, in_use.get(pool, 0) - count)
     resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)
-    if not state.limits_read:
-        state.limits_read = True
-        now = time.time()
-        if ctx.caps.limits_due(now):
-            limits = ctx.client.plan_limits()
-            if limits:
-                ctx.caps.known(limits)
-            ctx.caps.limits_asked(now)
+    read_limits(ctx)
     fresh = []
     for pool in POOLS:
         limit = ctx.caps.get(pool).limit(tuning.parallel_jobs)
@@ -970,11 +997,12 @@ def _dispatch(
         handed = ctx.repo.dispatch_pending(room, pool)
         fresh += handed
         report.full = report.full or len(handed) >= room
-    # A few new submissions into slots a list saw freed go out from here, with no queue
-    # between the list and their POSTs. Nodes handed out again may need a reconciliation
-    # (a list call of its own) and a big batch is worth spreading over the workers: tasks.
+    # A few new submissions (slots a list saw freed, a run's first wave) go out from here,
+    # with no queue between the decision and their POSTs. Nodes handed out again may need
+    # a reconciliation (a list call of its own) and a big batch is worth spreading over
+    # the workers: tasks.
     queued = resubmit + fresh
-    if here and tuning.send_refills and 0 < len(fresh) <= tuning.submit_batch:
+    if tuning.in_sweeper and 0 < len(fresh) <= tuning.submit_batch:
         queued = resubmit
         send_here(ctx, fresh)
     for start in range(0, len(queued), tuning.submit_batch):
@@ -1005,9 +1033,35 @@ def _collect(ctx: Context, state: SweeperState, in_flight: int) -> int:
         # The oldest finished node has waited long enough: take everyone waiting with it.
         ctx.repo.collect_now()
         to_collect += ctx.repo.due_for_tasks(NodeState.COLLECTING)
+    if tuning.in_sweeper and in_flight == 0 and 0 < len(to_collect) <= tuning.collect_batch:
+        # Nothing in flight to look after: the last wave is stored from here, and the pass's
+        # run refresh that follows ends its run with no wake-up and no pass in between.
+        collect_here(ctx, to_collect)
+        return len(to_collect)
     for start in range(0, len(to_collect), tuning.collect_batch):
         ctx.dispatch.collect(to_collect[start : start + tuning.collect_batch])
     return len(to_collect)
+
+
+def collect_here(ctx: Context, node_ids: Sequence[int]) -> None:
+    """`collect_nodes` on this thread, the sweeper's, which it must not kill: what goes
+    wrong is noted on the nodes, which are collected again when their claims expire (as
+    after a collect task that failed)."""
+    try:
+        collect_nodes(ctx, node_ids)
+    except Exception as exc:
+        log = logger.warning if isinstance(exc, TransientError) else logger.exception
+        log("collect of nodes %s in the sweeper failed: %s", list(node_ids), exc)
+        note_errors(ctx, node_ids, exc)
+
+
+def note_errors(ctx: Context, node_ids: Sequence[int], exc: BaseException) -> None:
+    """Keep a failed task's cause on its nodes: if it keeps happening, they fail with it."""
+    for node_id in node_ids:
+        try:
+            ctx.repo.note_error(node_id, f"{type(exc).__name__}: {exc}")
+        except Exception:  # the database itself is failing; the claims expire all the same
+            logger.warning("could not record the error of node %s", node_id)
 
 
 def _company_due(ctx: Context, state: SweeperState) -> bool:

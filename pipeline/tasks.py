@@ -27,13 +27,11 @@ def submit(node_ids: Sequence[int] | int, dispatched_at: float | None = None) ->
         return stages.submit_nodes(runtime.context(), batch, dispatched_at)
     except TransientError as exc:
         logger.warning("submit of nodes %s deferred: %s", batch, exc)
-        for node_id in batch:
-            _note(node_id, exc)
+        _note(batch, exc)
         return {}
     except Exception as exc:
         logger.exception("submit of nodes %s failed unexpectedly", batch)
-        for node_id in batch:
-            _note(node_id, exc)
+        _note(batch, exc)
         return {}
 
 
@@ -44,22 +42,22 @@ def collect(node_ids: Sequence[int]) -> dict[int, str]:
         return stages.collect_nodes(runtime.context(), list(node_ids))
     except TransientError as exc:
         logger.warning("collect of nodes %s deferred: %s", list(node_ids), exc)
-        for node_id in node_ids:
-            _note(node_id, exc)
+        _note(node_ids, exc)
         return {}
     except Exception as exc:
         logger.exception("collect of nodes %s failed unexpectedly", list(node_ids))
-        for node_id in node_ids:
-            _note(node_id, exc)
+        _note(node_ids, exc)
         return {}
 
 
-def _note(node_id: int, exc: BaseException) -> None:
-    """Keep the cause on the node: if it keeps happening, the node fails with it."""
+def _note(node_ids: Sequence[int], exc: BaseException) -> None:
+    """Keep the cause on the nodes: if it keeps happening, they fail with it."""
     try:
-        runtime.context().repo.note_error(node_id, f"{type(exc).__name__}: {exc}")
-    except Exception:  # the database itself is failing; the claim expires all the same
-        logger.warning("could not record the error of node %s", node_id)
+        ctx = runtime.context()
+    except Exception:  # what failed the task fails here too; the claims expire all the same
+        logger.warning("could not record the error of nodes %s", list(node_ids))
+        return
+    stages.note_errors(ctx, node_ids, exc)
 
 
 @app.task(name="pipeline.warm")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import db, reports
+from pipeline import db, reports, stages
 from pipeline.errors import DatabaseTransientError
 from pipeline.keys import compute_item_key, compute_recipe_key
 from pipeline.models import Base, ItemStatus
@@ -92,6 +92,7 @@ def ctx(database_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[Context
             tick=0.05,
             resubmit_delay=0.0,
             collect_delay=0.05,
+            in_sweeper=False,  # the tasks' path; the sweeper's own is tested where named
         ),
         sleep=lambda _s: None,
     )
@@ -707,9 +708,76 @@ def test_a_sweeper_with_no_job_due_yet_sleeps_until_the_groups_last_job_is_due(
     assert pause > 0.17  # past the first job's due time, up to the second's
 
 
-@pytest.mark.parametrize("send_refills", [True, False], ids=["by-the-sweeper", "by-tasks"])
+def wait_for(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.01)
+
+
+def test_a_first_wave_of_up_to_a_batch_is_sent_by_the_sweeper_itself(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """No queue between a run's recording and its first POSTs: the pass that finds the run
+    claims, writes the intents and POSTs its first wave from its own thread."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, in_sweeper=True)
+    run_id = record(ctx, [f"first wave {n}" for n in range(3)])
+    report = sweep(ctx, SweeperState(api_host="sandbox"))
+    assert report.submitted == 3
+    assert ctx.dispatch.submits == []  # type: ignore[attr-defined]
+    wait_for(lambda: sandbox.stats()["jobs_created"] == 3)
+    # Accepted and recorded, each once (answers later than REFILL_HOLD by another thread).
+    wait_for(lambda: {i["status"] for i in report_of(ctx, run_id)["items"]} == {"running"})
+    assert sandbox.stats()["duplicate_submissions"] == 0
+
+
+def test_the_last_jobs_are_stored_by_the_pass_that_sees_them_end_which_ends_their_run(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """With nothing else in flight, the sweeper stores the last outputs itself, and the
+    same pass marks the run finished: no collect task, no pass in between."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, in_sweeper=True)
+    run_id = record(ctx, ["the only item"], outputs=2)
+    state = SweeperState(api_host="sandbox")
+    sweep(ctx, state)
+    wait_for(lambda: report_of(ctx, run_id)["items"][0]["status"] == "running")
+    deadline = time.monotonic() + 10
+    while not (report := sweep(ctx, state)).poll.finished:
+        assert time.monotonic() < deadline, "the job was never seen ending"
+        time.sleep(0.02)
+    assert report.collected == 1 and report.finished_runs == [run_id]
+    assert ctx.dispatch.collects == []  # type: ignore[attr-defined]
+    done = report_of(ctx, run_id)
+    assert done["status"] == "succeeded"
+    outputs = done["items"][0]["outputs"]
+    assert len(outputs) == 2
+    assert all(Path(o["uri"].removeprefix("file://")).exists() for o in outputs)
+
+
+def test_a_warm_up_reads_the_plans_limits_so_the_first_wave_goes_out_at_the_plans_cap(
+    ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a run is recorded, a worker's warm-up starts a batch's POST threads and reads
+    the plan's limits once; the first pass then sends as many as the plan allows at once."""
+    monkeypatch.setattr(stages, "_io_threads", {})  # this test's own POST threads
+    sandbox.configure(parallel_jobs=5, limits_access=True)
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=None, in_sweeper=True)
+    warm(ctx)
+    assert len(stages.io_threads("post")._threads) >= ctx.tuning.submit_batch
+    assert ctx.caps.get("custom").value == 5 and ctx.caps.get("custom").known
+    asked = sandbox.stats()["requests"]
+    assert asked["GET /teams"] == 1 and asked["GET /teams/{teamId}/limits"] == 1
+    record(ctx, [f"capped {n}" for n in range(8)])
+    assert sweep(ctx, SweeperState(api_host="sandbox")).submitted == 5
+    wait_for(lambda: sandbox.stats()["jobs_created"] == 5)
+    stats = sandbox.stats()
+    assert stats["requests"]["GET /teams/{teamId}/limits"] == 1  # not asked again
+    assert stats["responses_429"]["parallel"] == 0
+
+
+@pytest.mark.parametrize("in_sweeper", [True, False], ids=["by-the-sweeper", "by-tasks"])
 def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_recorded(
-    ctx: Context, sandbox: Sandbox, send_refills: bool
+    ctx: Context, sandbox: Sandbox, in_sweeper: bool
 ) -> None:
     """The list that sees jobs end hands out the pending nodes that take their slots first:
     the sweeper POSTs them itself (or hands them to submit tasks), and the ended jobs are
@@ -717,7 +785,7 @@ def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_rec
     from the database for the new jobs' first looks, so they are recorded first. The cap
     holds either way."""
     sandbox.configure(latency=0.2, latency_spread=0.0)
-    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=2, send_refills=send_refills)
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=2, in_sweeper=in_sweeper)
     ctx.repo.policy = ctx.tuning.policy()
     record(ctx, [f"refill {n}" for n in range(6)])
     state = SweeperState(api_host="sandbox")
@@ -742,7 +810,7 @@ def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_rec
         for node_id in node_ids:
             submit_node(ctx, node_id)
 
-    if send_refills:
+    if in_sweeper:
         ctx.client.generate = spy_post  # type: ignore[method-assign]
     dispatcher.submit = spy_task  # type: ignore[method-assign]
 
@@ -751,7 +819,7 @@ def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_rec
         in_flight_at_refill.clear()
         time.sleep(0.3)  # both jobs ended
         deadline = time.monotonic() + 5
-        while len(in_flight_at_refill) < (2 if send_refills else 1):
+        while len(in_flight_at_refill) < (2 if in_sweeper else 1):
             assert time.monotonic() < deadline, "the freed slots were not refilled"
             sweep(ctx, state)
             time.sleep(0.01)
@@ -760,7 +828,7 @@ def test_slots_freed_by_jobs_seen_ending_are_refilled_before_the_endings_are_rec
             time.sleep(0.01)
             refill = [j.node_id for j in ctx.repo.in_flight_jobs()]
         assert len(refill) == 2 and not set(refill) & set(wave)  # the cap: two, both new
-        assert (dispatcher.submits == refill) if not send_refills else not dispatcher.submits
+        assert (dispatcher.submits == refill) if not in_sweeper else not dispatcher.submits
         return refill
 
     second = next_wave(first)
