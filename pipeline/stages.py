@@ -52,7 +52,7 @@ POLL_MIN_SLEEP = 0.001  # the least wait for a poll that is due to the milliseco
 RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
 FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed before its POST
 RECORD_EVERY = 0.1  # seconds: how often a batch records the acceptances of its POSTs
-REFILL_HOLD = 0.05  # seconds the sweeper waits for the answers to a refill's POSTs
+REFILL_HOLD = 0.05  # seconds the sweeper waits for the answers to the POSTs it sent
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -247,10 +247,11 @@ def submit_nodes(
 
 
 def send_here(ctx: Context, node_ids: Sequence[int]) -> None:
-    """Submit a small refill from this thread, the sweeper's, with no task in between: the
-    claims, reads and intents are written now, the POSTs go out on this process's threads,
-    and their acceptances are recorded here if they come within `REFILL_HOLD` (by a thread
-    of their own if not), before the sweeper records what its list saw. The nodes are no
+    """Submit a small batch (a refill, a run's first wave) from this thread, the sweeper's,
+    with no task in between: the claims, reads and intents are written now, the POSTs go
+    out on this process's threads, and their acceptances are recorded here if they come
+    within `REFILL_HOLD` (by a thread of their own if not), before the sweeper records
+    what its list saw. The nodes are no
     less exactly-once (the same claims and intents), and a process that dies with them
     leaves them to their claims' expiry."""
     sending = _prepare(ctx, node_ids, time.time())
@@ -329,9 +330,9 @@ def _settle_logged(ctx: Context, sending: _Sending, futures: dict[Future[str], i
     """`_settle` on a thread no one waits on: what went wrong is logged."""
     try:
         outcome = _settle(ctx, sending, futures)
-        logger.debug("refill sent by the sweeper: %s", outcome)
+        logger.debug("submissions sent by the sweeper: %s", outcome)
     except Exception:
-        logger.exception("a refill sent by the sweeper failed; its nodes wait for their claims")
+        logger.exception("submissions sent by the sweeper failed; their nodes await their claims")
 
 
 def _accepted(ctx: Context, sending: _Sending) -> dict[int, str]:
@@ -957,7 +958,7 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     # overdue since the last pass (half a second at most) may have had.
     for run_id in ctx.repo.overdue_runs():
         cancel_run(ctx, run_id, "the run's deadline passed")
-    ended = bool(report.poll.finished or report.poll.failed)  # a refill, recorded first
+    ended = bool(report.poll.finished or report.poll.failed)  # seen by this pass's list
     handed, in_use = refill[0] if refill else _dispatch(ctx, report, Counter())
     # Collections after submissions: a freed slot is refilled first, its outputs stored
     # while the next job runs. A pass that handed out submissions holds its collects for

@@ -32,6 +32,7 @@ from pipeline.stages import (
     Context,
     Sweeper,
     SweeperState,
+    TickReport,
     Tuning,
     coalesced_until,
     collect_nodes,
@@ -715,6 +716,14 @@ def wait_for(check: Any, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def sweep_until_a_list_sees_jobs_end(ctx: Context, state: SweeperState) -> TickReport:
+    deadline = time.monotonic() + 10
+    while not (report := sweep(ctx, state)).poll.finished:
+        assert time.monotonic() < deadline, "no job was seen ending"
+        time.sleep(0.02)
+    return report
+
+
 def test_a_first_wave_of_up_to_a_batch_is_sent_by_the_sweeper_itself(
     ctx: Context, sandbox: Sandbox
 ) -> None:
@@ -741,10 +750,7 @@ def test_the_last_jobs_are_stored_by_the_pass_that_sees_them_end_which_ends_thei
     state = SweeperState(api_host="sandbox")
     sweep(ctx, state)
     wait_for(lambda: report_of(ctx, run_id)["items"][0]["status"] == "running")
-    deadline = time.monotonic() + 10
-    while not (report := sweep(ctx, state)).poll.finished:
-        assert time.monotonic() < deadline, "the job was never seen ending"
-        time.sleep(0.02)
+    report = sweep_until_a_list_sees_jobs_end(ctx, state)
     assert report.collected == 1 and report.finished_runs == [run_id]
     assert ctx.dispatch.collects == []  # type: ignore[attr-defined]
     done = report_of(ctx, run_id)
@@ -1062,6 +1068,7 @@ def test_warming_up_a_worker_moves_nothing_and_asks_scenario_nothing(
                 for table in Base.metadata.sorted_tables
             ]
 
+    # The sweep above read the plan's limits (once per process): the warm-up asks nothing.
     before, requests = snapshot(), dict(sandbox.stats()["requests"])
     warm(ctx)
     assert snapshot() == before
@@ -1085,9 +1092,7 @@ def test_a_pass_that_refills_slots_hands_out_its_collects_one_pass_later(
     sweep(ctx, state)
     assert submit_nodes(ctx, dispatcher.submits) and len(dispatcher.submits) == 3
     dispatcher.submits.clear()
-    deadline = time.monotonic() + 10
-    while not (refill := sweep(ctx, state)).poll.finished and time.monotonic() < deadline:
-        time.sleep(0.02)
+    refill = sweep_until_a_list_sees_jobs_end(ctx, state)
     # The three jobs finished together: a full collect batch, and two slots refilled.
     assert len(refill.poll.finished) == 3 and refill.submitted == 2
     assert dispatcher.collects == []
