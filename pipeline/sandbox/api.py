@@ -224,7 +224,7 @@ class Api:
         cfg = self.store.config
         prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
         matched = next((s for s in cfg.fail_prompts if s and s in (prompt or "")), None)
-        fails = matched is not None or self.store.roll(cfg.failure_rate)
+        fails = matched is not None or self.store.roll(cfg.failure_rate, "failure")
         job = Job(
             seq=self.store.next_seq(),
             job_id=self.store.new_id("job_", 25),

@@ -75,6 +75,12 @@ def sandbox_command(
         0.0, "--fault-truncate", help="Share of downloads cut off mid-body."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible faults."),
+    fault_spacing: str = typer.Option(
+        "random",
+        "--fault-spacing",
+        help="random: each request rolls its fault; even: each kind fires on exactly its "
+        "share of requests, evenly spaced.",
+    ),
     model_type: list[str] = typer.Option(
         [],
         "--model-type",
@@ -117,6 +123,7 @@ def sandbox_command(
             slow_seconds=slow_seconds,
             fault_truncate_rate=fault_truncate,
             seed=seed,
+            fault_spacing=fault_spacing,
             model_types=types,
             model_latency=_pairs(model_latency, "--model-latency", float),
             limits_access=limits_access,

@@ -39,6 +39,8 @@ DEFAULT_MODEL_TYPES = {
     "model_sandbox-sd15-lora": "sd-1_5-lora",
 }
 
+FAULT_SPACINGS = ("random", "even")
+
 _RATE_FIELDS = (
     "failure_rate",
     "fault_5xx_rate",
@@ -76,6 +78,11 @@ class SandboxConfig:
     # this, the way a scan-backed list stops at a partition boundary. None = never.
     page_cut_every: int | None = 37
     seed: int | None = None
+    # "random": each request rolls its fault against the rate (seeded by `seed`).
+    # "even": each kind of fault fires on exactly its rate of the requests it applies to,
+    # evenly spaced (at a rate of 0.08, the 13th, 25th, 38th, ...), whatever order
+    # concurrent requests arrive in: for tests that must see every kind fire.
+    fault_spacing: str = "random"
     # model id -> the model `type` GET /models/{id} reports (everything else is "custom").
     model_types: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODEL_TYPES))
     # model id or jobType -> seconds a job takes instead of `latency` (the model id wins).
@@ -128,6 +135,11 @@ class SandboxConfig:
                     f"model_latency[{key!r}] must be a finite number of seconds >= 0, "
                     f"got {seconds!r}"
                 )
+        if self.fault_spacing not in FAULT_SPACINGS:
+            raise ValueError(
+                f"fault_spacing must be one of {', '.join(FAULT_SPACINGS)}, "
+                f"got {self.fault_spacing!r}"
+            )
         if not isinstance(self.limits_access, bool):
             raise ValueError("limits_access must be true or false")
 

@@ -265,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             return
-        if store.roll(store.config.fault_5xx_rate):
+        if store.roll(store.config.fault_5xx_rate, "5xx"):
             with store.lock:
                 store.stats.faults["5xx"] += 1
                 status = store.rng.choice((500, 502, 503))
@@ -289,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, doc = self._call(match[0][3], match[1].groupdict(), query, raw)
         except ApiProblem as problem:
             status, doc = problem.status, problem.body()
-        if store.roll(store.config.fault_drop_rate):
+        if store.roll(store.config.fault_drop_rate, "drop"):
             # The request was processed (a job may exist and be billed) but the answer is
             # lost: the case that tempts a client into paying twice.
             with store.lock:
@@ -352,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
         if asset is None:
             self._send(404, _CLOUDFRONT_MISSING, "text/xml")
             return
-        if store.roll(store.config.fault_expired_rate):
+        if store.roll(store.config.fault_expired_rate, "expired"):
             with store.lock:
                 store.stats.faults["expired"] += 1
             self._send(403, _CLOUDFRONT_DENIED, "text/xml")
@@ -362,8 +362,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             self._send(200, data, asset.mime, headers)
             return
-        truncate = store.roll(store.config.fault_truncate_rate)
-        slow = not truncate and store.roll(store.config.fault_slow_rate)
+        truncate = store.roll(store.config.fault_truncate_rate, "truncate")
+        slow = not truncate and store.roll(store.config.fault_slow_rate, "slow")
         if not (truncate or slow):
             self._send(200, data, asset.mime, headers)
             with store.lock:

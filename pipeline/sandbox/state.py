@@ -181,6 +181,7 @@ class Store:
             seed = self.config.seed
             self.rng = random.Random(seed)
             self.id_rng = random.Random(None if seed is None else f"ids-{seed}")
+            self.rolls: Counter[str] = Counter()
             self.jobs: dict[str, Job] = {}
             self.assets: dict[str, Asset] = {}
             self.by_key: dict[str, list[Job]] = {}
@@ -208,11 +209,17 @@ class Store:
         return math.floor(self.clock() * 1000) / 1000
 
     # --- randomness -------------------------------------------------------------------
-    def roll(self, rate: float) -> bool:
-        """True with probability `rate` (seeded, so a sequence of rolls is reproducible)."""
+    def roll(self, rate: float, kind: str) -> bool:
+        """Whether this request of `kind` gets its fault: with probability `rate` (seeded,
+        so a sequence of rolls is reproducible), or with `fault_spacing` "even", on exactly
+        the requests of that kind where floor(count * rate) steps up."""
         if rate <= 0:
             return False
         with self.lock:
+            if self.config.fault_spacing == "even":
+                self.rolls[kind] += 1
+                count = self.rolls[kind]
+                return math.floor(count * rate) > math.floor((count - 1) * rate)
             return self.rng.random() < rate
 
     def new_id(self, prefix: str, length: int) -> str:

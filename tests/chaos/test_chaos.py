@@ -80,7 +80,9 @@ def test_nothing_lost_nothing_paid_twice_under_chaos(
     # both steps ran for every item that succeeded, each exactly once per output
     assert figures["jobs_by_model"]["model_photoroom-background-removal"] >= ITEMS
     faults = figures["faults"]
-    # Each kind fires at a few percent; together they certainly fired (the sandbox's own
-    # tests check each rate). The run above survived all of them.
-    assert faults["5xx"] + faults["drop"] >= 3
-    assert faults["expired"] + faults["truncate"] >= 2
+    # Each kind fires on exactly its share of its requests (evenly spaced, see FAULTS). The
+    # run makes a few hundred API calls, and at least 43 downloads: one whole download per
+    # stored output (40) besides those refused (8% of 43 or more: 3) or cut off (5% of the
+    # 40 or more not refused: 2). The run above survived all of them.
+    assert faults["5xx"] >= 3 and faults["drop"] >= 3
+    assert faults["expired"] >= 3 and faults["truncate"] >= 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -107,3 +108,27 @@ def test_the_same_seed_replays_the_same_faults(make_sandbox: Any, make_kit: Any)
         kit = make_kit(make_sandbox(fault_5xx_rate=0.5, seed=99))
         patterns.append([kit.http.get(f"/models/{MODEL}").status_code for _ in range(40)])
     assert patterns[0] == patterns[1]
+
+
+def test_even_spacing_fires_each_kind_on_exactly_its_share_whatever_the_order(
+    make_sandbox: Any, make_kit: Any
+) -> None:
+    """A test that needs every fault to fire cannot rely on chance: with `fault_spacing`
+    "even", 8% of 40 downloads is 3 refusals, every time, even from 8 threads at once."""
+    sb = make_sandbox(fault_expired_rate=0.08, fault_5xx_rate=0.25, fault_spacing="even")
+    kit = make_kit(sb)
+    codes = [kit.http.get(f"/models/{MODEL}").status_code for _ in range(20)]
+    assert [n for n, code in enumerate(codes, 1) if code >= 500] == [4, 8, 12, 16, 20]
+    sb.configure(fault_5xx_rate=0.0)
+    urls = _downloads(kit, 40)
+    refused = [kit.cdn.get(url).status_code == 403 for url in urls]
+    assert [n for n, no in enumerate(refused, 1) if no] == [13, 25, 38]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda url: httpx.get(url).status_code, urls))
+    assert codes.count(403) == 3
+    assert kit.stats()["faults"]["expired"] == 6
+
+
+def test_fault_spacing_must_be_random_or_even(make_sandbox: Any) -> None:
+    with pytest.raises(ValueError, match="fault_spacing must be one of random, even"):
+        make_sandbox(fault_spacing="sometimes")
