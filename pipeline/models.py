@@ -254,7 +254,9 @@ class JobRow(Base):
     hint: Mapped[str | None] = mapped_column(Text)
     polls: Mapped[int] = mapped_column(default=0)
     intent_at: Mapped[datetime] = mapped_column(default=utcnow)
-    accepted_at: Mapped[datetime | None] = mapped_column()  # our clock, POST answered
+    # Our clock: when Scenario started the job, as near as we can tell (no later than the
+    # POST's answer; see stages.JobStarts).
+    accepted_at: Mapped[datetime | None] = mapped_column()
     remote_created_at: Mapped[datetime | None] = mapped_column()
     remote_updated_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()

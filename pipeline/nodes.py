@@ -120,7 +120,10 @@ class Change:
 
 @dataclass(frozen=True)
 class Dispatch:
-    """The sweeper hands a due pending node to a submit task (a parallel-job slot is free)."""
+    """The sweeper hands a due pending node to a submit task (a parallel-job slot is free),
+    or, with an `owner`, takes it for a submission it sends itself (claimed at once)."""
+
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -294,8 +297,8 @@ def decide(
             return Change(NodeState.CANCELED, _finish(now, reason))
         case Fail(reason=reason, hint=hint):
             return Change(NodeState.FAILED, _finish(now, reason, hint))
-        case Dispatch() if state == NodeState.PENDING:
-            values: dict[str, Any] = {"claim_owner": None, "claimed_until": _at(now, policy.lease)}
+        case Dispatch(owner=owner) if state == NodeState.PENDING:
+            values: dict[str, Any] = {"claim_owner": owner, "claimed_until": _at(now, policy.lease)}
             return Change(NodeState.SUBMITTING, values | {"due_at": None, "tries": Inc(1)})
         case Redispatch() if state in TASK_STATES:
             if facts.tries >= policy.max_tries:

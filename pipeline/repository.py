@@ -1236,12 +1236,16 @@ class Repository:
             ).first()
         return int(in_use), waiting is not None
 
-    def dispatch_pending(self, limit: int, pool: str | None = None) -> list[int]:
-        """Hand up to `limit` due pending nodes (of one pool) to submit tasks; their ids."""
+    def dispatch_pending(
+        self, limit: int, pool: str | None = None, owner: str | None = None
+    ) -> list[int]:
+        """Hand up to `limit` due pending nodes (of one pool) to submit tasks, or with an
+        `owner`, claim them for it; their ids."""
         if limit <= 0:
             return []
         now = self.now()
-        change = nodes.decide(Facts(NodeState.PENDING), nodes.Dispatch(), now, self.policy)
+        event = nodes.Dispatch(owner)
+        change = nodes.decide(Facts(NodeState.PENDING), event, now, self.policy)
         assert change is not None
         with self._core() as s:
             rows = s.execute(
@@ -1643,9 +1647,12 @@ class Repository:
                 )
         return known
 
-    def record_accepted(self, accepted: Sequence[tuple[int, Job, float | None, float]]) -> None:
+    def record_accepted(
+        self, accepted: Sequence[tuple[int, Job, float | None, datetime, float]]
+    ) -> None:
         """POSTs answered (or reconciliation found their jobs): their nodes are running. Given
-        as (job row id, job, CU billed, seconds to the first poll); one transaction."""
+        as (job row id, job, CU billed, when it started on our clock, seconds to the first
+        poll); one transaction."""
         now = self.now()
         with self._core() as conn:
             node_of = dict(conn.execute(_JOB_NODES, {"ids": [row for row, *_ in accepted]}).all())
@@ -1658,13 +1665,13 @@ class Repository:
                         "v_type": job.job_type or "custom",
                         "v_status": JobStatus.PENDING if job.status.terminal else job.status,
                         "v_cost": cost if cost is not None else job.cost,
-                        "v_at": now,
+                        "v_at": started,
                         "v_created": job.created_at,
                     }
-                    for row_id, job, cost, _ in accepted
+                    for row_id, job, cost, started, _ in accepted
                 ],
             )
-            events = {node_of[row_id]: nodes.Accepted(first) for row_id, _, _, first in accepted}
+            events = {node_of[row]: nodes.Accepted(first) for row, *_, first in accepted}
             self._apply(conn, events, now)
 
     def record_refused(self, row_id: int, event: nodes.Throttled | nodes.Refused) -> None:

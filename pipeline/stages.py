@@ -14,7 +14,7 @@ import random
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -53,6 +53,8 @@ RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
 FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed before its POST
 RECORD_EVERY = 0.1  # seconds: how often a batch records the acceptances of its POSTs
 REFILL_HOLD = 0.05  # seconds the sweeper waits for the answers to the POSTs it sent
+DURATIONS_TTL = 5.0  # seconds a model's known job durations are read again after
+START_SAMPLES = 64  # recent POST answers that tell Scenario's clock from ours (JobStarts)
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -114,6 +116,33 @@ class Tuning:
 
 
 @dataclass
+class JobStarts:
+    """When Scenario started a job, on our clock.
+
+    The answer to a POST comes some milliseconds after Scenario created its job, and by a
+    varying delay: a first look timed from the answer lands that much after the job ends.
+    Scenario's `createdAt` is on its clock, not ours. What separates the two, plus the
+    quickest answer, is the least (our clock when a POST was answered - the job's
+    `createdAt`) over the recent answers: a job's `createdAt` plus it is never later than
+    its answer, and never earlier than its creation unless Scenario's clock jumped ahead of
+    ours since (a look then comes early, costs a list call, and the estimate moves on)."""
+
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=START_SAMPLES))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def started(self, created: datetime, answered: datetime, *, learn: bool = True) -> datetime:
+        """A job created at `created` (Scenario's clock), answered at `answered` (ours):
+        when it started on our clock. `learn` is False for an answer that was not a POST's
+        (a job found by a reconciliation was created long before)."""
+        gap = (answered - created).total_seconds()
+        with self.lock:
+            if learn:
+                self.recent.append(gap)
+            least = min(self.recent, default=gap)
+        return created + timedelta(seconds=min(least, gap))
+
+
+@dataclass
 class Context:
     """Everything a stage needs, built once per worker process."""
 
@@ -129,6 +158,9 @@ class Context:
     wake: threading.Event = field(default_factory=threading.Event)
     limits_read: bool = False  # the plan's caps are read at most once per process
     limits_lock: threading.Lock = field(default_factory=threading.Lock)
+    starts: JobStarts = field(default_factory=JobStarts)
+    # model: (monotonic time read, its recent job durations), for the submissions' first looks
+    durations: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.repo.policy = self.tuning.policy()
@@ -146,6 +178,15 @@ class Context:
 
     def later(self, seconds: float) -> datetime:
         return self.now() + timedelta(seconds=seconds)
+
+    def duration_samples(self, model: str) -> list[float]:
+        """A model's recent job durations, sorted: re-read every `DURATIONS_TTL` seconds
+        once known, on every call while unknown (the first jobs of a model teach it)."""
+        at, values = self.durations.get(model, (float("-inf"), []))
+        if not values or time.monotonic() - at > DURATIONS_TTL:
+            values = self.repo.duration_samples(model)
+            self.durations[model] = (time.monotonic(), values)
+        return values
 
 
 # -- submit ------------------------------------------------------------------------------
@@ -246,15 +287,18 @@ def submit_nodes(
     return _settle(ctx, sending, _post(ctx, sending))
 
 
-def send_here(ctx: Context, node_ids: Sequence[int]) -> None:
+def send_here(
+    ctx: Context, node_ids: Sequence[int], claim: tuple[str, float] | None = None
+) -> None:
     """Submit a small batch (a refill, a run's first wave) from this thread, the sweeper's,
     with no task in between: the claims, reads and intents are written now, the POSTs go
     out on this process's threads, and their acceptances are recorded here if they come
     within `REFILL_HOLD` (by a thread of their own if not), before the sweeper records
     what its list saw. The nodes are no
     less exactly-once (the same claims and intents), and a process that dies with them
-    leaves them to their claims' expiry."""
-    sending = _prepare(ctx, node_ids, time.time())
+    leaves them to their claims' expiry. `claim` is (owner, monotonic time) of their claims
+    if the dispatch took them as it handed them out."""
+    sending = _prepare(ctx, node_ids, time.time(), claim)
     if not sending.works:
         return
     futures = _post(ctx, sending)
@@ -286,12 +330,27 @@ class _Sending:
             return "deferred"
 
 
-def _prepare(ctx: Context, node_ids: Sequence[int], dispatched_at: float | None) -> _Sending:
-    """Claim the nodes, read what their POSTs need and write their intents."""
-    owner = f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
+def _new_owner(ctx: Context) -> str:
+    """A claim owner: this worker, and one batch of its submissions."""
+    return f"{ctx.worker}:{uuid.uuid4().hex[:8]}"
+
+
+def _prepare(
+    ctx: Context,
+    node_ids: Sequence[int],
+    dispatched_at: float | None,
+    claim: tuple[str, float] | None = None,
+) -> _Sending:
+    """Claim the nodes (unless `claim`, (owner, when), says they were claimed as they were
+    handed out), read what their POSTs need and write their intents."""
     results = dict.fromkeys(node_ids, "not-claimed")
-    batch = _Batch(claimed_at=time.monotonic(), dispatched_at=dispatched_at)
-    claimed = ctx.repo.claim(node_ids, owner, NodeState.SUBMITTING)
+    if claim is not None:
+        owner, claimed_at = claim
+        claimed = list(node_ids)
+    else:
+        owner, claimed_at = _new_owner(ctx), time.monotonic()
+        claimed = ctx.repo.claim(node_ids, owner, NodeState.SUBMITTING)
+    batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at)
     if not claimed:
         return _Sending(owner, results, [], {}, batch)
     results.update(dict.fromkeys(claimed, "missing"))
@@ -352,21 +411,37 @@ class _Batch:
     dispatched_at: float | None = None  # epoch seconds, when the sweeper handed them out
     looks: dict[str, float | None] = field(default_factory=dict)  # model: first look after
     accepted: Counter[str] = field(default_factory=Counter)
-    # (job row, job, cost, monotonic time its first poll is due), not yet written
-    unrecorded: list[tuple[int, Job, float | None, float]] = field(default_factory=list)
+    # (job row, job, cost, when it started on our clock, monotonic time its first poll is
+    # due), not yet written
+    unrecorded: list[tuple[int, Job, float | None, datetime, float]] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)  # the POSTs run side by side
 
     def first_look(self, ctx: Context, model: str) -> float | None:
         if model not in self.looks:
-            samples = ctx.repo.duration_samples(model)
+            samples = ctx.duration_samples(model)
             self.looks[model] = first_look_after(samples, ctx.tuning.coalesce_fraction)
         return self.looks[model]
 
-    def accept(self, ctx: Context, row_id: int, model: str, job: Job, cost: float | None) -> None:
-        """A job Scenario accepted: recorded by the next flush."""
-        first_poll = next_poll_in(0.0, self.first_look(ctx, model), 0, ctx.rng)
+    def accept(
+        self,
+        ctx: Context,
+        row_id: int,
+        model: str,
+        job: Job,
+        cost: float | None,
+        *,
+        posted: bool = True,
+    ) -> None:
+        """A job Scenario accepted (`posted`: just now, answering our POST; else found by a
+        reconciliation): recorded by the next flush. Its first look is timed from when it
+        started, not from the answer, which came some milliseconds later."""
+        mono, answered = time.monotonic(), ctx.now()
+        started = ctx.starts.started(job.created_at, answered, learn=posted)
+        expected = self.first_look(ctx, model)
+        age = (answered - started).total_seconds() if expected is not None else 0.0
+        first_poll = next_poll_in(age, expected, 0, ctx.rng)
         with self.lock:
-            self.unrecorded.append((row_id, job, cost, time.monotonic() + first_poll))
+            self.unrecorded.append((row_id, job, cost, started, mono + first_poll))
 
     def count(self, pool: str) -> None:
         with self.lock:
@@ -377,10 +452,10 @@ class _Batch:
             if not self.unrecorded:
                 return
             mono = time.monotonic()  # the first poll is due as long after the answer as if
-            accepted = [(r, j, c, max(0.0, due - mono)) for r, j, c, due in self.unrecorded]
+            accepted = [(r, j, c, t, max(0.0, due - mono)) for r, j, c, t, due in self.unrecorded]
             self.unrecorded = []  # it had been recorded at once
             ctx.repo.record_accepted(accepted)
-        finished = [(row_id, job) for row_id, job, _, _ in accepted if job.status.terminal]
+        finished = [(row_id, job) for row_id, job, *_ in accepted if job.status.terminal]
         if finished:  # a reconciled job may have finished meanwhile
             ctx.repo.apply_jobs(finished)
 
@@ -401,7 +476,7 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
             ctx.repo.fail_run(work.run_id, _auth_message(exc))
             return "auth-failed"
         if found is not None:
-            batch.accept(ctx, work.open_intent_id, work.model, found, found.cost)
+            batch.accept(ctx, work.open_intent_id, work.model, found, found.cost, posted=False)
             budget.settle(ctx.repo, work.run_id, 0.0, found.cost)
             logger.info("node %s: reconciled with existing job %s", node_id, found.id)
             return "reconciled"
@@ -893,7 +968,7 @@ class SweeperState:
         unknown: the first jobs of a model teach it, and every poll after them depends on
         it)."""
         at, values = self.samples_cache.get(model, (float("-inf"), []))
-        if time.monotonic() - at > (5.0 if values else 0.25):
+        if time.monotonic() - at > (DURATIONS_TTL if values else 0.25):
             values = ctx.repo.duration_samples(model)
             self.samples_cache[model] = (time.monotonic(), values)
         return values
@@ -989,23 +1064,30 @@ def _dispatch(
     in_use = ctx.repo.slots_by_pool()
     for pool, count in freed.items():
         in_use[pool] = max(0, in_use.get(pool, 0) - count)
-    resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)
     read_limits(ctx)
+    rooms = {
+        pool: ctx.caps.get(pool).limit(tuning.parallel_jobs) - in_use.get(pool, 0) for pool in POOLS
+    }
+    # A few new submissions (slots a list saw freed, a run's first wave) go out from here,
+    # with no queue between the decision and their POSTs: when the slots cannot take more
+    # than a batch, the nodes are claimed as they are handed out. A big batch is worth
+    # spreading over the workers: tasks.
+    here = tuning.in_sweeper and sum(max(0, room) for room in rooms.values()) <= tuning.submit_batch
+    owner = _new_owner(ctx) if here else None
+    claimed_at = time.monotonic()  # before the claims are written
     fresh = []
-    for pool in POOLS:
-        limit = ctx.caps.get(pool).limit(tuning.parallel_jobs)
-        room = limit - in_use.get(pool, 0)
-        handed = ctx.repo.dispatch_pending(room, pool)
+    for pool, room in rooms.items():
+        handed = ctx.repo.dispatch_pending(room, pool, owner)
         fresh += handed
         report.full = report.full or len(handed) >= room
-    # A few new submissions (slots a list saw freed, a run's first wave) go out from here,
-    # with no queue between the decision and their POSTs. Nodes handed out again may need
-    # a reconciliation (a list call of its own) and a big batch is worth spreading over
-    # the workers: tasks.
-    queued = resubmit + fresh
+    queued = fresh
     if tuning.in_sweeper and 0 < len(fresh) <= tuning.submit_batch:
-        queued = resubmit
-        send_here(ctx, fresh)
+        queued = []
+        send_here(ctx, fresh, (owner, claimed_at) if owner else None)
+    # Nodes handed out again, after the new ones' POSTs (they hold their slots already):
+    # they may need a reconciliation (a list call of its own): tasks.
+    resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)
+    queued = resubmit + queued
     for start in range(0, len(queued), tuning.submit_batch):
         ctx.dispatch.submit(queued[start : start + tuning.submit_batch])
     report.submitted = len(resubmit) + len(fresh)

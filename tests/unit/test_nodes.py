@@ -112,6 +112,18 @@ def at(seconds: float) -> datetime:
 # -- one transition at a time --------------------------------------------------------------
 
 
+def test_a_node_the_sweeper_sends_itself_is_claimed_as_it_is_handed_out() -> None:
+    """No claim of its own to write before its POST, and no task can take it meanwhile
+    (a duplicate message, a task handed it by an earlier sweep)."""
+    row = Row()
+    assert write(row, Dispatch("sweeper:1"), at(0))
+    assert (row.state, row.tries, row.claim_owner) == (NodeState.SUBMITTING, 1, "sweeper:1")
+    assert row.claimed_until == at(90)
+    assert not write(row, Claim("a"), at(1))  # held by a live claim
+    assert write(row, Renew("sweeper:1"), at(2)) and row.claimed_until == at(92)
+    assert write(row, Claim("a"), at(93))  # expired: a task may take it, as after any claim
+
+
 def test_the_whole_happy_life_of_a_node_that_stores_its_outputs() -> None:
     row = Row()
     assert write(row, Dispatch(), at(0))

@@ -4,6 +4,7 @@ have finished, rarely while it cannot have, and never so late that a slot idles 
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,6 +12,7 @@ from pipeline.stages import (
     FINALIZING_MIN,
     FIRST_LOOK_MARGIN,
     POLL_CAP,
+    JobStarts,
     SweeperState,
     first_look_after,
     next_list_in,
@@ -111,3 +113,35 @@ def test_a_jobs_progress_rising_between_two_lists_says_when_it_ends() -> None:
     assert state.progress_eta("job", 0.7, at=13.0) == pytest.approx(1.0)  # 0.3 a second
     assert state.progress_eta("job", 1.0, at=14.0) is None  # done
     assert state.progress_eta("other", 0.9, at=14.0) is None  # each job its own
+
+
+def test_a_job_is_timed_from_its_creation_on_our_clock_not_from_the_answer() -> None:
+    """Scenario's clock runs 40 ms behind ours here, and its answers take 3 to 9 ms: a
+    job's start is its createdAt plus the least gap seen (43 ms), never its answer."""
+    starts = JobStarts()
+    t0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+    skew = timedelta(milliseconds=40)
+    for n, took in enumerate((9, 3, 7)):  # ms from the job's creation to our answer
+        created = t0 + timedelta(seconds=n)  # Scenario's clock
+        answered = created + skew + timedelta(milliseconds=took)
+        started = starts.started(created, answered)
+        assert started <= answered  # never after the answer
+        if n:  # the quickest answer taught the skew: each start is its creation on our clock
+            assert started == created + skew + timedelta(milliseconds=3)
+    # a job a reconciliation found, created 2 s before we learnt of it: a late answer
+    # teaches nothing, and its start is still its creation
+    created = t0 + timedelta(seconds=10)
+    found = starts.started(created, created + timedelta(seconds=2), learn=False)
+    assert found == created + skew + timedelta(milliseconds=3)
+    assert min(starts.recent) == pytest.approx(0.043)
+
+
+def test_a_skew_that_grows_in_scenarios_favour_is_learnt_from_the_next_answer() -> None:
+    """Scenario's clock jumps 1 s ahead of ours: the very next answer brings the estimate
+    back before its answer (a look timed from it is early once, never late)."""
+    starts = JobStarts()
+    t0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+    starts.started(t0, t0 + timedelta(milliseconds=5))
+    created = t0 + timedelta(seconds=2)  # ahead of our clock by 1 s: answered at t0 + 1 s
+    answered = t0 + timedelta(seconds=1, milliseconds=5)
+    assert starts.started(created, answered) == answered
