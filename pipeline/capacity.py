@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
@@ -115,6 +116,8 @@ def cursor_name(api_host: str, api_key: str, pool: str) -> str:
 class Cursors(Protocol):
     def get_cursor(self, name: str) -> str | None: ...
 
+    def get_cursors(self, names: Sequence[str]) -> dict[str, str]: ...
+
     def set_cursor(self, name: str, value: str) -> None: ...
 
 
@@ -143,6 +146,11 @@ class CapacityStore:
 
     def get(self, pool: str) -> Cap:
         return Cap.loads(self._cursors.get_cursor(self._names[pool]))
+
+    def get_all(self) -> dict[str, Cap]:
+        """Every pool's cap, in one read."""
+        values = self._cursors.get_cursors(list(self._names.values()))
+        return {pool: Cap.loads(values.get(name)) for pool, name in self._names.items()}
 
     def put(self, pool: str, cap: Cap) -> None:
         self._cursors.set_cursor(self._names[pool], cap.dumps())

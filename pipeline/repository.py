@@ -996,6 +996,14 @@ class Repository:
             value = conn.execute(_CURSOR, {"cursor": name}).scalar_one_or_none()
         return str(value) if value is not None else None
 
+    def get_cursors(self, names: Sequence[str]) -> dict[str, str]:
+        """The named values that are set, in one query."""
+        with self._core() as conn:
+            rows = conn.execute(
+                select(CURSORS.c.name, CURSORS.c.value).where(CURSORS.c.name.in_(list(names)))
+            ).all()
+        return {str(name): str(value) for name, value in rows if value is not None}
+
     def set_cursor(self, name: str, value: str) -> None:
         """Set a named value; safe when several threads or workers set it at once."""
         params = {"cursor": name, "v_value": value, "now": self.now()}
@@ -1237,28 +1245,35 @@ class Repository:
         return int(in_use), waiting is not None
 
     def dispatch_pending(
-        self, limit: int, pool: str | None = None, owner: str | None = None
-    ) -> list[int]:
-        """Hand up to `limit` due pending nodes (of one pool) to submit tasks, or with an
-        `owner`, claim them for it; their ids."""
-        if limit <= 0:
-            return []
+        self, rooms: Mapping[str, int], owner: str | None = None
+    ) -> dict[str, list[int]]:
+        """Hand up to `rooms[pool]` due pending nodes of each pool to submit tasks, or with
+        an `owner`, claim them for it; their ids per pool (one transaction)."""
+        handed: dict[str, list[int]] = {pool: [] for pool in rooms}
+        if all(room <= 0 for room in rooms.values()):
+            return handed
         now = self.now()
         event = nodes.Dispatch(owner)
         change = nodes.decide(Facts(NodeState.PENDING), event, now, self.policy)
         assert change is not None
+        items: set[int] = set()
         with self._core() as s:
-            rows = s.execute(
-                select(NODES.c.id, NODES.c.item_id)
-                .where(
-                    NODES.c.state == NodeState.PENDING,
-                    or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
-                    *_in_pool(pool),
-                )
-                .order_by(NODES.c.due_at, NODES.c.id)
-                .limit(limit)
-            ).all()
-            ids = [node_id for node_id, _ in rows]
+            for pool, room in rooms.items():
+                if room <= 0:
+                    continue
+                rows = s.execute(
+                    select(NODES.c.id, NODES.c.item_id)
+                    .where(
+                        NODES.c.state == NodeState.PENDING,
+                        or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
+                        *_in_pool(pool),
+                    )
+                    .order_by(NODES.c.due_at, NODES.c.id)
+                    .limit(room)
+                ).all()
+                handed[pool] = [node_id for node_id, _ in rows]
+                items.update(item_id for _, item_id in rows)
+            ids = [node_id for ids in handed.values() for node_id in ids]
             if ids:
                 s.execute(
                     update(NODES)
@@ -1267,13 +1282,10 @@ class Repository:
                 )
                 s.execute(
                     update(ITEMS)
-                    .where(
-                        ITEMS.c.id.in_({item_id for _, item_id in rows}),
-                        ITEMS.c.status == ItemStatus.PENDING,
-                    )
+                    .where(ITEMS.c.id.in_(items), ITEMS.c.status == ItemStatus.PENDING)
                     .values(status=ItemStatus.RUNNING, updated_at=now)
                 )
-        return ids
+        return handed
 
     def due_for_tasks(self, state: NodeState) -> list[int]:
         """Hand out again submitting/collecting nodes that are due or whose task vanished.

@@ -1065,9 +1065,8 @@ def _dispatch(
     for pool, count in freed.items():
         in_use[pool] = max(0, in_use.get(pool, 0) - count)
     read_limits(ctx)
-    rooms = {
-        pool: ctx.caps.get(pool).limit(tuning.parallel_jobs) - in_use.get(pool, 0) for pool in POOLS
-    }
+    caps = ctx.caps.get_all()
+    rooms = {pool: caps[pool].limit(tuning.parallel_jobs) - in_use.get(pool, 0) for pool in POOLS}
     # A few new submissions (slots a list saw freed, a run's first wave) go out from here,
     # with no queue between the decision and their POSTs: when the slots cannot take more
     # than a batch, the nodes are claimed as they are handed out. A big batch is worth
@@ -1076,10 +1075,9 @@ def _dispatch(
     owner = _new_owner(ctx) if here else None
     claimed_at = time.monotonic()  # before the claims are written
     fresh = []
-    for pool, room in rooms.items():
-        handed = ctx.repo.dispatch_pending(room, pool, owner)
+    for pool, handed in ctx.repo.dispatch_pending(rooms, owner).items():
         fresh += handed
-        report.full = report.full or len(handed) >= room
+        report.full = report.full or len(handed) >= rooms[pool]
     queued = fresh
     if tuning.in_sweeper and 0 < len(fresh) <= tuning.submit_batch:
         queued = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pipeline.capacity import (
     INITIAL,
     LIMITS_TTL,
@@ -17,6 +19,9 @@ from pipeline.stages import Tuning
 class Cursors(dict[str, str]):
     def get_cursor(self, name: str) -> str | None:
         return self.get(name)
+
+    def get_cursors(self, names: Sequence[str]) -> dict[str, str]:
+        return {name: self[name] for name in names if name in self}
 
     def set_cursor(self, name: str, value: str) -> None:
         self[name] = value
@@ -67,6 +72,8 @@ def test_caps_are_kept_per_api_key_and_pool_without_the_key_itself() -> None:
     other = CapacityStore(cursors, "api.example", "another-key")
     assert store.get("custom").value == 10 and store.get("inference").value == 2
     assert other.get("custom") == Cap()
+    assert store.get_all() == {"custom": store.get("custom"), "inference": store.get("inference")}
+    assert other.get_all() == {"custom": Cap(), "inference": Cap()}
     assert all(
         "secret-key-123" not in name and "secret" not in value for name, value in cursors.items()
     )
