@@ -54,7 +54,7 @@ FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed b
 RECORD_EVERY = 0.1  # seconds: how often a batch records the acceptances of its POSTs
 REFILL_HOLD = 0.05  # seconds the sweeper waits for the answers to the POSTs it sent
 DURATIONS_TTL = 5.0  # seconds a model's known job durations are read again after
-START_SAMPLES = 64  # recent POST answers that tell Scenario's clock from ours (JobStarts)
+START_SAMPLES = 16  # recent POST answers that tell Scenario's clock from ours (JobStarts)
 MIME_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -124,22 +124,27 @@ class JobStarts:
     Scenario's `createdAt` is on its clock, not ours. What separates the two, plus the
     quickest answer, is the least (our clock when a POST was answered - the job's
     `createdAt`) over the recent answers: a job's `createdAt` plus it is never later than
-    its answer, and never earlier than its creation unless Scenario's clock jumped ahead of
-    ours since (a look then comes early, costs a list call, and the estimate moves on)."""
+    its answer, and not earlier than its creation while the two clocks keep their distance.
+    Should Scenario's clock fall behind ours, the estimate would be early until the gaps
+    from before have left the window; it is never earlier than the POST was sent, which
+    bounds the error by the POST's own time (a look that comes early costs one list call)."""
 
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=START_SAMPLES))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def started(self, created: datetime, answered: datetime, *, learn: bool = True) -> datetime:
-        """A job created at `created` (Scenario's clock), answered at `answered` (ours):
-        when it started on our clock. `learn` is False for an answer that was not a POST's
-        (a job found by a reconciliation was created long before)."""
+    def started(
+        self, created: datetime, answered: datetime, sent: datetime | None = None
+    ) -> datetime:
+        """A job created at `created` (Scenario's clock), POSTed at `sent` and answered at
+        `answered` (ours): when it started on our clock. Without `sent`, a job found by a
+        reconciliation (created long before), whose gap teaches nothing."""
         gap = (answered - created).total_seconds()
         with self.lock:
-            if learn:
+            if sent is not None:
                 self.recent.append(gap)
             least = min(self.recent, default=gap)
-        return created + timedelta(seconds=min(least, gap))
+        started = created + timedelta(seconds=min(least, gap))
+        return started if sent is None else max(started, sent)
 
 
 @dataclass
@@ -429,14 +434,13 @@ class _Batch:
         model: str,
         job: Job,
         cost: float | None,
-        *,
-        posted: bool = True,
+        sent: datetime | None,
     ) -> None:
-        """A job Scenario accepted (`posted`: just now, answering our POST; else found by a
-        reconciliation): recorded by the next flush. Its first look is timed from when it
-        started, not from the answer, which came some milliseconds later."""
+        """A job Scenario accepted, answering our POST sent at `sent` (None: found by a
+        reconciliation, or the time is unknown): recorded by the next flush. Its first look
+        is timed from when it started, not from the answer, which came some ms later."""
         mono, answered = time.monotonic(), ctx.now()
-        started = ctx.starts.started(job.created_at, answered, learn=posted)
+        started = ctx.starts.started(job.created_at, answered, sent)
         expected = self.first_look(ctx, model)
         age = (answered - started).total_seconds() if expected is not None else 0.0
         first_poll = next_poll_in(age, expected, 0, ctx.rng)
@@ -476,7 +480,7 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
             ctx.repo.fail_run(work.run_id, _auth_message(exc))
             return "auth-failed"
         if found is not None:
-            batch.accept(ctx, work.open_intent_id, work.model, found, found.cost, posted=False)
+            batch.accept(ctx, work.open_intent_id, work.model, found, found.cost, None)
             budget.settle(ctx.repo, work.run_id, 0.0, found.cost)
             logger.info("node %s: reconciled with existing job %s", node_id, found.id)
             return "reconciled"
@@ -494,16 +498,18 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
     if isinstance(reserved, budget.Refused):
         return reserved.outcome
 
+    sent: list[datetime] = []
+
     def still_ours() -> None:
         # Our claim may have run out while we reconciled or waited for the governor, and
         # the sweeper may have handed the node to another worker that will POST itself.
         # Renewing it right before sending keeps the POST inside our claim (lease_seconds
         # is checked to exceed the HTTP timeout several times over). A claim taken a
         # moment ago has nearly all its lease left: the batch's first POSTs skip the query.
-        if time.monotonic() - batch.claimed_at < ctx.tuning.lease_seconds * FRESH_CLAIM:
-            return
-        if not ctx.repo.renew(node_id, owner, NodeState.SUBMITTING):
+        fresh = time.monotonic() - batch.claimed_at < ctx.tuning.lease_seconds * FRESH_CLAIM
+        if not fresh and not ctx.repo.renew(node_id, owner, NodeState.SUBMITTING):
             raise _ClaimLost(node_id)
+        sent.append(ctx.now())  # the request leaves right after this
 
     handed_at = min(batch.dispatched_at or float("inf"), ctx.now().timestamp())
     try:
@@ -540,7 +546,14 @@ def _submit(ctx: Context, work: SubmitWork, owner: str, intent: int | None, batc
     except ApiPermanentError as exc:
         ctx.repo.record_refused(row_id, nodes.Refused(str(exc), exc.hint))
         return "rejected"
-    batch.accept(ctx, row_id, work.model, submission.job, submission.creative_units)
+    batch.accept(
+        ctx,
+        row_id,
+        work.model,
+        submission.job,
+        submission.creative_units,
+        sent[-1] if sent else None,
+    )
     found_cost = submission.job.cost
     billed = submission.creative_units
     budget.settle(ctx.repo, work.run_id, reserved, billed if billed is not None else found_cost)

@@ -120,28 +120,31 @@ def test_a_job_is_timed_from_its_creation_on_our_clock_not_from_the_answer() -> 
     job's start is its createdAt plus the least gap seen (43 ms), never its answer."""
     starts = JobStarts()
     t0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
-    skew = timedelta(milliseconds=40)
+    skew, ms = timedelta(milliseconds=40), timedelta(milliseconds=1)
     for n, took in enumerate((9, 3, 7)):  # ms from the job's creation to our answer
         created = t0 + timedelta(seconds=n)  # Scenario's clock
-        answered = created + skew + timedelta(milliseconds=took)
-        started = starts.started(created, answered)
+        answered = created + skew + took * ms
+        started = starts.started(created, answered, sent=answered - 12 * ms)
         assert started <= answered  # never after the answer
         if n:  # the quickest answer taught the skew: each start is its creation on our clock
-            assert started == created + skew + timedelta(milliseconds=3)
-    # a job a reconciliation found, created 2 s before we learnt of it: a late answer
+            assert started == created + skew + 3 * ms
+    # a job a reconciliation found, created 2 s before we learnt of it: its late answer
     # teaches nothing, and its start is still its creation
     created = t0 + timedelta(seconds=10)
-    found = starts.started(created, created + timedelta(seconds=2), learn=False)
-    assert found == created + skew + timedelta(milliseconds=3)
+    assert starts.started(created, created + timedelta(seconds=2)) == created + skew + 3 * ms
     assert min(starts.recent) == pytest.approx(0.043)
 
 
-def test_a_skew_that_grows_in_scenarios_favour_is_learnt_from_the_next_answer() -> None:
-    """Scenario's clock jumps 1 s ahead of ours: the very next answer brings the estimate
-    back before its answer (a look timed from it is early once, never late)."""
+def test_a_start_is_never_before_its_post_was_sent_whatever_the_clocks_do() -> None:
+    """Scenario's clock falls 1 s behind ours: the gaps learnt before would put the next
+    jobs' starts 1 s early, until they leave the window; the time the POST left bounds it."""
     starts = JobStarts()
     t0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
-    starts.started(t0, t0 + timedelta(milliseconds=5))
-    created = t0 + timedelta(seconds=2)  # ahead of our clock by 1 s: answered at t0 + 1 s
-    answered = t0 + timedelta(seconds=1, milliseconds=5)
-    assert starts.started(created, answered) == answered
+    ms = timedelta(milliseconds=1)
+    starts.started(t0, t0 + 5 * ms, sent=t0 - 5 * ms)  # clocks agree; answers take 5 ms
+    sent = t0 + timedelta(seconds=2)  # ours; Scenario's clock now says a second less
+    answered = sent + 10 * ms
+    assert starts.started(sent - timedelta(seconds=1) + 5 * ms, answered, sent) == sent
+    # and a clock that jumps the other way makes starts late, never after their answer
+    created = answered + timedelta(seconds=1)
+    assert starts.started(created, answered, sent) == answered
