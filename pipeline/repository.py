@@ -1256,7 +1256,7 @@ class Repository:
         event = nodes.Dispatch(owner)
         change = nodes.decide(Facts(NodeState.PENDING), event, now, self.policy)
         assert change is not None
-        items: set[int] = set()
+        item_of: dict[int, int] = {}
         with self._core() as s:
             for pool, room in rooms.items():
                 if room <= 0:
@@ -1272,20 +1272,28 @@ class Repository:
                     .limit(room)
                 ).all()
                 handed[pool] = [node_id for node_id, _ in rows]
-                items.update(item_id for _, item_id in rows)
-            ids = [node_id for ids in handed.values() for node_id in ids]
-            if ids:
+                item_of.update(rows)
+            if not item_of:
+                return handed
+            # Only the nodes this UPDATE moved are handed out (and, with an owner, claimed):
+            # one another writer moved since the SELECT (a cancel) is left out.
+            moved = set(
                 s.execute(
                     update(NODES)
-                    .where(NODES.c.id.in_(ids), NODES.c.state == NodeState.PENDING)
+                    .where(NODES.c.id.in_(list(item_of)), NODES.c.state == NodeState.PENDING)
                     .values(**_values(change), updated_at=now)
+                    .returning(NODES.c.id)
+                ).scalars()
+            )
+            s.execute(
+                update(ITEMS)
+                .where(
+                    ITEMS.c.id.in_({item_of[node_id] for node_id in moved}),
+                    ITEMS.c.status == ItemStatus.PENDING,
                 )
-                s.execute(
-                    update(ITEMS)
-                    .where(ITEMS.c.id.in_(items), ITEMS.c.status == ItemStatus.PENDING)
-                    .values(status=ItemStatus.RUNNING, updated_at=now)
-                )
-        return handed
+                .values(status=ItemStatus.RUNNING, updated_at=now)
+            )
+        return {pool: [n for n in ids if n in moved] for pool, ids in handed.items()}
 
     def due_for_tasks(self, state: NodeState) -> list[int]:
         """Hand out again submitting/collecting nodes that are due or whose task vanished.
