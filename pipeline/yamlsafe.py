@@ -109,7 +109,11 @@ def compose(text: str) -> Composed:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = exc.problem or exc.context or "invalid YAML"
-        if exc.context and exc.context_mark and exc.problem:
+        if "maximum nesting depth" in message:
+            # libyaml >= 0.2.6 (PyYAML 6.0.4's wheels) scans ahead of the parser and stops
+            # at 1000 levels before our own limit sees them: say it as we say it.
+            message = f"nested deeper than {MAX_YAML_DEPTH} levels"
+        elif exc.context and exc.context_mark and exc.problem:
             message += f" ({exc.context} at line {exc.context_mark.line + 1})"
         raise YamlProblem(mark.line + 1 if mark else 1, message) from None
     except yaml.reader.ReaderError as exc:
