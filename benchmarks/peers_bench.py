@@ -24,6 +24,10 @@ after another on a reset sandbox:
   about N·L, so it runs on the first `--guide-items` items only (5 by default); its per-
   image figures are its own and its makespan is extrapolated to N items (x N/n), labelled.
 
+`--rtt 0.03` adds a network round trip of 30 ms to every API and CDN request (the sandbox's
+`--rtt`: half on the way there, half on the way back), as between a studio and a hosted API;
+by default the sandbox answers over loopback, where a round trip is about 0.1 ms.
+
 The sandbox limits requests to `--rate-limit` per second (10 by default, burst one second's
 worth: the rate the pipeline paces itself at; Scenario publishes no number) and answers 429
 with `Retry-After` beyond it. The SDK retries a 429 twice, then raises; an item lost that way
@@ -125,6 +129,8 @@ def sandbox(case: Case, args: argparse.Namespace) -> Iterator[str]:
         "--parallel-jobs", str(args.parallel),
         "--seed", "1",
     ]  # fmt: skip
+    if args.rtt > 0:
+        command += ["--rtt", f"{args.rtt:g}"]
     if args.rate_limit > 0:
         burst = args.rate_burst or max(1, round(args.rate_limit))
         command += ["--rate-limit", f"{args.rate_limit / args.scale:g}"]
@@ -412,7 +418,13 @@ def table(results: list[tuple[Case, list[dict[str, Any]]]], args: argparse.Names
     head_note = (
         f"N={args.items} one-image items, P={args.parallel} parallel jobs, time scale "
         f"{args.scale:g} (L and the bound below are in scaled seconds), {rate}, "
-        f"medians of {args.repeat} run(s). bound = J·L/P + L, "
+        f"medians of {args.repeat} run(s), "
+        + (
+            f"a network round trip of {args.rtt * 1000:g} ms (unscaled) on every request"
+            if args.rtt > 0
+            else "loopback (no network round trip)"
+        )
+        + ". bound = J·L/P + L, "
         "J = jobs per run (N; 2N for the recipe). API requests exclude CDN downloads. "
     )
     if "pipeline" in args.tools:
@@ -448,6 +460,12 @@ def main() -> None:
         "--rate-burst", type=int, help="token bucket size (default: one second's worth)"
     )
     parser.add_argument(
+        "--rtt",
+        type=float,
+        default=0.0,
+        help="seconds of network round trip on every API and CDN request (unscaled); 0 = loopback",
+    )
+    parser.add_argument(
         "--case", action="append", choices=[c.name for c in CASES], help="only these cases"
     )
     parser.add_argument("--tool", action="append", choices=TOOLS, help="only these tools")
@@ -455,6 +473,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.items, args.parallel, args.repeat, args.guide_items) < 1 or args.scale <= 0:
         parser.error("--items, --parallel, --repeat, --guide-items must be >= 1; --scale > 0")
+    if args.rtt < 0:
+        parser.error("--rtt must be >= 0")
     args.tools = [t for t in TOOLS if not args.tool or t in args.tool]
     if shutil.which("pipeline") is None and not Path(sys.executable).with_name("pipeline").exists():
         print("note: no `pipeline` script found; using python -m pipeline", file=sys.stderr)

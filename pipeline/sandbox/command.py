@@ -41,6 +41,9 @@ def sandbox_command(
     latency_spread: float = typer.Option(
         0.0, "--latency-spread", help="Uniform +- seconds added to each job's latency."
     ),
+    rtt: float = typer.Option(
+        0.0, "--rtt", help="Seconds of network round trip added to every API and CDN request."
+    ),
     failure_rate: float = typer.Option(
         0.0, "--failure-rate", help="Share of jobs that fail (0..1)."
     ),
@@ -109,6 +112,7 @@ def sandbox_command(
             api_secret=os.environ.get("SCENARIO_API_SECRET") or secret,
             latency=latency,
             latency_spread=latency_spread,
+            rtt=rtt,
             failure_rate=failure_rate,
             fail_prompts=list(fail_prompt),
             missing_models=list(missing_model),

@@ -61,6 +61,9 @@ class SandboxConfig:
     # offset in [-latency_spread, +latency_spread] seconds (clamped at zero).
     latency: float = 2.0
     latency_spread: float = 0.0
+    # Seconds of network round trip added to every API and CDN request: half before the
+    # sandbox handles it, half before its answer leaves (a hosted API is tens of ms away).
+    rtt: float = 0.0
     failure_rate: float = 0.0
     fail_prompts: list[str] = field(default_factory=list)
     missing_models: list[str] = field(default_factory=list)
@@ -99,7 +102,7 @@ class SandboxConfig:
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value!r}")
-        for name in ("latency", "latency_spread", "slow_seconds"):
+        for name in ("latency", "latency_spread", "rtt", "slow_seconds"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.url_ttl <= 0:

@@ -205,6 +205,20 @@ class _Handler(BaseHTTPRequestHandler):
         return f"http://{host}" if host else self.server.sandbox.base_url
 
     def _dispatch(self) -> None:
+        # The network's round trip, half on the request's way here, half on the answer's
+        # way back (the buffered answer leaves when the request is done); control routes
+        # are the harness's, not the network's.
+        control = self.path.startswith("/_sandbox/")
+        half = 0.0 if control else self.server.sandbox.store.config.rtt / 2
+        if half:
+            time.sleep(half)
+        try:
+            self._route()
+        finally:
+            if half:
+                time.sleep(half)
+
+    def _route(self) -> None:
         try:
             parts = urlsplit(self.path)
             path = unquote(parts.path)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.sandbox import Sandbox, SandboxConfig
+from pipeline.sandbox.state import parse_iso
 
 MODEL = "model_bfl-flux-2-dev"
 VALID = {"prompt": "a lantern", "width": 64, "height": 64}
@@ -220,3 +221,33 @@ def test_runtime_config_changes_keep_issued_links_valid(kit: Any) -> None:
     url = kit.asset_url(asset_id)
     kit.sb.configure(api_secret="rotated", seed=5, url_ttl=10)
     assert kit.cdn.get(url).status_code == 200
+
+
+def test_a_round_trip_delays_every_api_and_cdn_answer_half_each_way(
+    make_sandbox: Any, make_kit: Any
+) -> None:
+    """With `rtt`, a job is created half a round trip after its POST left, and answered
+    half a round trip after that; a CDN download takes the round trip too; the harness's
+    control routes do not."""
+    rtt = 0.4
+    sb = make_sandbox(rtt=rtt, latency=0.0)
+    kit = make_kit(sb)
+    sent = time.time()
+    answer = kit.http.post(f"/generate/custom/{MODEL}", json=VALID).raise_for_status()
+    answered = time.time()
+    created = parse_iso(answer.json()["job"]["createdAt"])
+    assert created >= sent + rtt / 2 - 0.001  # createdAt keeps milliseconds only
+    assert answered >= created + rtt / 2
+    job = kit.wait(answer.json()["job"]["jobId"])
+    url = kit.asset_url(job["metadata"]["assetIds"][0])
+    began = time.monotonic()
+    kit.cdn.get(url).raise_for_status()
+    assert time.monotonic() - began >= rtt
+    began = time.monotonic()
+    httpx.get(sb.base_url + "/_sandbox/stats").raise_for_status()
+    assert time.monotonic() - began < rtt / 2
+
+
+def test_a_negative_round_trip_is_refused() -> None:
+    with pytest.raises(ValueError, match="rtt must be >= 0"):
+        SandboxConfig(rtt=-0.01)
