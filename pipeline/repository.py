@@ -148,6 +148,22 @@ class SubmitWork:
     open_intent_at: datetime | None
 
 
+@dataclass
+class Handout:
+    """Nodes handed out to be submitted, per pool; when they were claimed as they were
+    handed out (few enough for one batch), what their POSTs need and their intents, written
+    in the same transaction."""
+
+    handed: dict[str, list[int]]
+    owner: str | None = None  # their claims' owner; None: not claimed (tasks claim them)
+    works: list[SubmitWork] = field(default_factory=list)
+    intents: dict[int, int] = field(default_factory=dict)  # node id -> its job row id
+
+    @property
+    def nodes(self) -> list[int]:
+        return [node_id for ids in self.handed.values() for node_id in ids]
+
+
 @dataclass(frozen=True)
 class InFlightJob:
     """A submitted job the poller is watching."""
@@ -1245,17 +1261,17 @@ class Repository:
         return int(in_use), waiting is not None
 
     def dispatch_pending(
-        self, rooms: Mapping[str, int], owner: str | None = None
-    ) -> dict[str, list[int]]:
-        """Hand up to `rooms[pool]` due pending nodes of each pool to submit tasks, or with
-        an `owner`, claim them for it; their ids per pool (one transaction)."""
-        handed: dict[str, list[int]] = {pool: [] for pool in rooms}
+        self, rooms: Mapping[str, int], owner: str | None = None, claim_up_to: int | None = None
+    ) -> Handout:
+        """Hand up to `rooms[pool]` due pending nodes of each pool to submit tasks, in one
+        transaction. With an `owner`, and when they are at most `claim_up_to` (a batch its
+        caller sends itself), they are claimed for it as they are handed out, and what their
+        POSTs need is read and their intents written in the same transaction: nothing but
+        the POSTs is left between a freed slot and its new job."""
+        handout = Handout({pool: [] for pool in rooms})
         if all(room <= 0 for room in rooms.values()):
-            return handed
+            return handout
         now = self.now()
-        event = nodes.Dispatch(owner)
-        change = nodes.decide(Facts(NodeState.PENDING), event, now, self.policy)
-        assert change is not None
         item_of: dict[int, int] = {}
         with self._core() as s:
             for pool, room in rooms.items():
@@ -1271,10 +1287,16 @@ class Repository:
                     .order_by(NODES.c.due_at, NODES.c.id)
                     .limit(room)
                 ).all()
-                handed[pool] = [node_id for node_id, _ in rows]
+                handout.handed[pool] = [node_id for node_id, _ in rows]
                 item_of.update(rows)
             if not item_of:
-                return handed
+                return handout
+            if owner is not None and (claim_up_to is None or len(item_of) <= claim_up_to):
+                handout.owner = owner
+            change = nodes.decide(
+                Facts(NodeState.PENDING), nodes.Dispatch(handout.owner), now, self.policy
+            )
+            assert change is not None
             # Only the nodes this UPDATE moved are handed out (and, with an owner, claimed):
             # one another writer moved since the SELECT (a cancel) is left out.
             moved = set(
@@ -1293,7 +1315,19 @@ class Repository:
                 )
                 .values(status=ItemStatus.RUNNING, updated_at=now)
             )
-        return {pool: [n for n in ids if n in moved] for pool, ids in handed.items()}
+            handout.handed = {
+                pool: [n for n in ids if n in moved] for pool, ids in handout.handed.items()
+            }
+            if handout.owner is not None and moved:
+                handout.works = self._submit_works(s, handout.nodes)
+                fresh = [
+                    w.node_id
+                    for w in handout.works
+                    if w.open_intent_id is None and w.attempts < w.max_attempts
+                ]
+                if fresh:
+                    handout.intents = self._record_intents(s, fresh, handout.owner, now)
+        return handout
 
     def due_for_tasks(self, state: NodeState) -> list[int]:
         """Hand out again submitting/collecting nodes that are due or whose task vanished.
@@ -1587,10 +1621,14 @@ class Repository:
     def submit_works(self, node_ids: Sequence[int]) -> list[SubmitWork]:
         """What submit tasks need of their nodes, read under their claims, in the order given."""
         with self._core() as conn:
-            found = {row.id: row for row in conn.execute(_SUBMIT_NODES, {"ids": list(node_ids)})}
-            intents: dict[int, tuple[int, datetime]] = {}
-            for row_id, node_id, intent_at in conn.execute(_OPEN_INTENTS, {"ids": list(found)}):
-                intents[node_id] = (row_id, intent_at)  # the newest open intent wins
+            return self._submit_works(conn, node_ids)
+
+    @staticmethod
+    def _submit_works(conn: Connection, node_ids: Sequence[int]) -> list[SubmitWork]:
+        found = {row.id: row for row in conn.execute(_SUBMIT_NODES, {"ids": list(node_ids)})}
+        intents: dict[int, tuple[int, datetime]] = {}
+        for row_id, node_id, intent_at in conn.execute(_OPEN_INTENTS, {"ids": list(found)}):
+            intents[node_id] = (row_id, intent_at)  # the newest open intent wins
         works = []
         for node_id in node_ids:
             if node_id not in found:
@@ -1638,22 +1676,27 @@ class Repository:
     def record_intents(self, node_ids: Sequence[int], owner: str) -> dict[int, int]:
         """Write the intents to submit (before the POSTs) of nodes under our claim, in one
         transaction: node id -> its job row id (a node whose claim we lost is left out)."""
-        now = self.now()
         with self._core() as conn:
-            params = {"ids": list(node_ids), "owner": owner, "now": now}
-            taken = conn.execute(_COUNT_ATTEMPTS, params).all()
-            if not taken:
-                return {}
-            # Job rows number every POST, refused ones too (a 429 leaves its row behind and
-            # does not count as an attempt), so the number is not `attempts`.
-            ids = [node_id for node_id, _ in taken]
-            numbers = dict(conn.execute(_LAST_ATTEMPTS, {"ids": ids}).all())
-            rows = [
-                {"node_id": node_id, "attempt": numbers.get(node_id, 0) + 1, "model": model}
-                | {"intent_at": now}
-                for node_id, model in sorted(taken)
-            ]
-            return {node_id: row_id for node_id, row_id in conn.execute(_ADD_INTENTS, rows)}
+            return self._record_intents(conn, node_ids, owner, self.now())
+
+    @staticmethod
+    def _record_intents(
+        conn: Connection, node_ids: Sequence[int], owner: str, now: datetime
+    ) -> dict[int, int]:
+        params = {"ids": list(node_ids), "owner": owner, "now": now}
+        taken = conn.execute(_COUNT_ATTEMPTS, params).all()
+        if not taken:
+            return {}
+        # Job rows number every POST, refused ones too (a 429 leaves its row behind and
+        # does not count as an attempt), so the number is not `attempts`.
+        ids = [node_id for node_id, _ in taken]
+        numbers = dict(conn.execute(_LAST_ATTEMPTS, {"ids": ids}).all())
+        rows = [
+            {"node_id": node_id, "attempt": numbers.get(node_id, 0) + 1, "model": model}
+            | {"intent_at": now}
+            for node_id, model in sorted(taken)
+        ]
+        return {node_id: row_id for node_id, row_id in conn.execute(_ADD_INTENTS, rows)}
 
     def known_job_ids(self, scenario_job_ids: Iterable[str]) -> set[str]:
         ids = list(scenario_job_ids)

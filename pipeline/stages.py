@@ -36,7 +36,14 @@ from pipeline.errors import (
 )
 from pipeline.keys import render_key
 from pipeline.nodes import NodeState
-from pipeline.repository import CollectWork, InFlightJob, NewObject, Repository, SubmitWork
+from pipeline.repository import (
+    CollectWork,
+    Handout,
+    InFlightJob,
+    NewObject,
+    Repository,
+    SubmitWork,
+)
 from pipeline.retry import Backoff, poll_delay
 from pipeline.scenario import Asset, Job, JobStatus, ScenarioClient
 from pipeline.storage import Storage, StoredObject
@@ -296,7 +303,7 @@ def submit_nodes(
 
 
 def send_here(
-    ctx: Context, node_ids: Sequence[int], claim: tuple[str, float] | None = None
+    ctx: Context, node_ids: Sequence[int], claim: tuple[Handout, float] | None = None
 ) -> None:
     """Submit a small batch (a refill, a run's first wave) from this thread, the sweeper's,
     with no task in between: the claims, reads and intents are written now, the POSTs go
@@ -304,8 +311,8 @@ def send_here(
     within `REFILL_HOLD` (by a thread of their own if not), before the sweeper records
     what its list saw. The nodes are no
     less exactly-once (the same claims and intents), and a process that dies with them
-    leaves them to their claims' expiry. `claim` is (owner, monotonic time) of their claims
-    if the dispatch took them as it handed them out."""
+    leaves them to their claims' expiry. `claim` is (the hand-out, monotonic time of its
+    claims) if the dispatch claimed them as it handed them out (and wrote their intents)."""
     sending = _prepare(ctx, node_ids, time.time(), claim)
     if not sending.works:
         return
@@ -347,24 +354,28 @@ def _prepare(
     ctx: Context,
     node_ids: Sequence[int],
     dispatched_at: float | None,
-    claim: tuple[str, float] | None = None,
+    claim: tuple[Handout, float] | None = None,
 ) -> _Sending:
-    """Claim the nodes (unless `claim`, (owner, when), says they were claimed as they were
-    handed out), read what their POSTs need and write their intents."""
+    """Claim the nodes, read what their POSTs need and write their intents, unless `claim`,
+    (hand-out, when), says the dispatch did as it handed them out."""
     results = dict.fromkeys(node_ids, "not-claimed")
-    if claim is not None:
-        owner, claimed_at = claim
-        claimed = list(node_ids)
+    if claim is not None and claim[0].owner is not None:
+        handout, claimed_at = claim
+        owner, works, intents = claim[0].owner, handout.works, handout.intents
+        batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at)
+        results.update(dict.fromkeys(node_ids, "missing"))
     else:
         owner, claimed_at = _new_owner(ctx), time.monotonic()
         claimed = ctx.repo.claim(node_ids, owner, NodeState.SUBMITTING)
-    batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at)
-    if not claimed:
-        return _Sending(owner, results, [], {}, batch)
-    results.update(dict.fromkeys(claimed, "missing"))
-    works = ctx.repo.submit_works(claimed)
-    fresh = [w.node_id for w in works if w.open_intent_id is None and w.attempts < w.max_attempts]
-    intents = ctx.repo.record_intents(fresh, owner) if fresh else {}
+        batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at)
+        if not claimed:
+            return _Sending(owner, results, [], {}, batch)
+        results.update(dict.fromkeys(claimed, "missing"))
+        works = ctx.repo.submit_works(claimed)
+        fresh = [
+            w.node_id for w in works if w.open_intent_id is None and w.attempts < w.max_attempts
+        ]
+        intents = ctx.repo.record_intents(fresh, owner) if fresh else {}
     for work in works:
         batch.first_look(ctx, work.model)  # read here, not by each POST's thread
     return _Sending(owner, results, works, intents, batch)
@@ -1088,17 +1099,16 @@ def _dispatch(
     # with no queue between the decision and their POSTs: when the slots cannot take more
     # than a batch, the nodes are claimed as they are handed out. A big batch is worth
     # spreading over the workers: tasks.
-    here = tuning.in_sweeper and sum(max(0, room) for room in rooms.values()) <= tuning.submit_batch
-    owner = _new_owner(ctx) if here else None
+    owner = _new_owner(ctx) if tuning.in_sweeper else None
     claimed_at = time.monotonic()  # before the claims are written
-    fresh = []
-    for pool, handed in ctx.repo.dispatch_pending(rooms, owner).items():
-        fresh += handed
+    handout = ctx.repo.dispatch_pending(rooms, owner, claim_up_to=tuning.submit_batch)
+    fresh = handout.nodes
+    for pool, handed in handout.handed.items():
         report.full = report.full or len(handed) >= rooms[pool]
     queued = fresh
     if tuning.in_sweeper and 0 < len(fresh) <= tuning.submit_batch:
         queued = []
-        send_here(ctx, fresh, (owner, claimed_at) if owner else None)
+        send_here(ctx, fresh, (handout, claimed_at) if handout.owner else None)
     # Nodes handed out again, after the new ones' POSTs (they hold their slots already):
     # they may need a reconciliation (a list call of its own): tasks.
     resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)

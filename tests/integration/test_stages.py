@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from pipeline import db, reports, stages
 from pipeline.errors import DatabaseTransientError
 from pipeline.keys import compute_item_key, compute_recipe_key
-from pipeline.models import Base, ItemStatus
+from pipeline.models import Base, ItemStatus, JobRow
 from pipeline.repository import InFlightJob, NewItem, Repository
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import ScenarioClient
@@ -738,6 +739,50 @@ def test_a_first_wave_of_up_to_a_batch_is_sent_by_the_sweeper_itself(
     # Accepted and recorded, each once (answers later than REFILL_HOLD by another thread).
     wait_for(lambda: {i["status"] for i in report_of(ctx, run_id)["items"]} == {"running"})
     assert sandbox.stats()["duplicate_submissions"] == 0
+
+
+def test_a_sweeper_that_dies_between_its_hand_out_and_its_posts_leaves_each_sent_once(
+    ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch the sweeper sends itself is claimed, read and given its intents in the
+    hand-out's own transaction, so that only the POSTs are left. Should the process die
+    right after it, its nodes wait for their claims to expire, are handed out again, and
+    each is submitted once: the intents already written are resolved, not doubled."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, in_sweeper=True)
+    run_id = record(ctx, [f"orphan {n}" for n in range(3)])
+    monkeypatch.setattr(stages, "send_here", lambda *_a, **_k: None)  # dies before its POSTs
+    state = SweeperState(api_host="sandbox")
+    assert sweep(ctx, state).submitted == 3
+    assert ctx.dispatch.submits == []  # type: ignore[attr-defined]
+    with ctx.repo.session() as s:
+        intents = s.execute(select(JobRow.node_id).where(JobRow.scenario_job_id.is_(None)))
+        orphans = sorted(intents.scalars())
+    assert len(orphans) == 3  # one open intent per node, written with the hand-out
+    monkeypatch.undo()
+    time.sleep(ctx.tuning.lease_seconds + 0.1)
+    sweep(ctx, state)  # the claims expired: handed out again, to tasks
+    assert sorted(ctx.dispatch.submits) == orphans  # type: ignore[attr-defined]
+    for node in ctx.dispatch.submits:  # type: ignore[attr-defined]
+        submit_node(ctx, node)
+    stats = sandbox.stats()
+    assert stats["jobs_created"] == 3 and stats["duplicate_submissions"] == 0
+    assert {i["status"] for i in report_of(ctx, run_id)["items"]} == {"running"}
+
+
+def test_a_bigger_hand_out_than_a_batch_is_left_to_tasks_unclaimed(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """More slots freed than one batch: the nodes go to submit tasks, spread over the
+    workers, which claim them themselves; the sweeper claims none of them."""
+    ctx.tuning = dataclasses.replace(ctx.tuning, in_sweeper=True, submit_batch=2)
+    record(ctx, [f"wide wave {n}" for n in range(3)])
+    assert sweep(ctx, SweeperState(api_host="sandbox")).submitted == 3
+    handed = list(ctx.dispatch.submits)  # type: ignore[attr-defined]
+    assert len(handed) == 3
+    with ctx.repo.session() as s:
+        assert s.execute(select(JobRow.id)).first() is None  # no intent yet
+    assert sorted(submit_nodes(ctx, handed).values()) == ["submitted"] * 3
+    assert sandbox.stats()["jobs_created"] == 3
 
 
 def test_the_last_jobs_are_stored_by_the_pass_that_sees_them_end_which_ends_their_run(
