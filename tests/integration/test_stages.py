@@ -662,15 +662,18 @@ def test_a_full_pool_does_not_keep_the_sweeper_spinning(ctx: Context, sandbox: S
     assert sweeper._sleep_after(second) == ctx.tuning.tick
 
 
-def grouped_pair(ctx: Context, sandbox: Sandbox, first_in: float, second_in: float) -> Sweeper:
-    """Two jobs of a model whose jobs take 3 s (a 60 ms group window) in flight, due
-    `first_in` and `second_in` seconds from now; the sweeper that handed them out."""
+def grouped_pair(
+    ctx: Context, sandbox: Sandbox, first_in: float, second_in: float, duration: float = 3.0
+) -> Sweeper:
+    """Two jobs of a model whose jobs take `duration` s (a group window of 2% of it: 60 ms
+    by default) in flight, due `first_in` and `second_in` seconds from now; the sweeper
+    that handed them out."""
     record(ctx, [f"grouped {n}" for n in range(2)])
     sweeper = Sweeper(ctx, sandbox.url)
     sweeper.tick()
     submit_nodes(ctx, list(ctx.dispatch.submits))  # type: ignore[attr-defined]
     first, second = sorted(ctx.repo.in_flight_jobs(), key=lambda j: j.row_id)
-    sweeper.state.samples_cache[MODEL] = (time.monotonic(), [3.0])
+    sweeper.state.samples_cache[MODEL] = (time.monotonic(), [duration])
     now = ctx.now()
     ctx.repo.schedule_polls(
         {
@@ -702,12 +705,14 @@ def test_a_sweeper_with_no_job_due_yet_sleeps_until_the_groups_last_job_is_due(
     sweeper's wake-up is that moment, not its first job's due time (a pass then would only
     find that it must wait, and its queries would delay the list)."""
     ctx.tuning = dataclasses.replace(ctx.tuning, tick=1.0)
-    sweeper = grouped_pair(ctx, sandbox, first_in=0.15, second_in=0.2)
+    # 6 s jobs: a 120 ms group window, so that the second job can be due well after the
+    # first and a busy machine's slow queries do not blur the two.
+    sweeper = grouped_pair(ctx, sandbox, first_in=0.15, second_in=0.26, duration=6.0)
     report = sweeper.tick()
     assert report.poll.list_calls == 0 and report.poll.group_until is not None
     pause = sweeper._sleep_after(report)
     assert pause == pytest.approx(report.poll.group_until - time.monotonic(), abs=0.02)
-    assert pause > 0.17  # past the first job's due time, up to the second's
+    assert pause > 0.17  # past the first job's due time (up to 90 ms of queries), to the second's
 
 
 def wait_for(check: Any, timeout: float = 10.0) -> None:
