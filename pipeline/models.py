@@ -254,9 +254,8 @@ class JobRow(Base):
     hint: Mapped[str | None] = mapped_column(Text)
     polls: Mapped[int] = mapped_column(default=0)
     intent_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Our clock: when the job started for the requests we send (a request that left then
-    # would have reached Scenario as it was created; no later than the POST's answer; see
-    # stages.JobStarts): about when its POST was sent.
+    # Our clock: when Scenario started the job, as near as we can tell (no later than the
+    # POST's answer; see stages.JobStarts).
     accepted_at: Mapped[datetime | None] = mapped_column()
     remote_created_at: Mapped[datetime | None] = mapped_column()
     remote_updated_at: Mapped[datetime | None] = mapped_column()

@@ -124,20 +124,17 @@ class Tuning:
 
 @dataclass
 class JobStarts:
-    """When a job started, as the requests we send see it: the time, on our clock, at which
-    a request had to leave to reach Scenario as the job was created.
+    """When Scenario started a job, on our clock.
 
-    A look at a job is worth sending when it will reach Scenario after the job ended: its
-    duration after this start, not after the POST's answer, which came a whole round trip
-    later (the POST's way there, Scenario's work, the way back). Scenario's `createdAt` is on
-    its clock: `createdAt` - (our clock when the POST was sent) is the clocks' distance plus
-    the POST's way there, and its least over the recent POSTs is that distance plus the
-    quickest way there. A job's `createdAt` minus that least is when a request on the
-    quickest way would have left to arrive at its creation: a look sent its duration after
-    reaches Scenario when the job ends, or later (no look is quicker than the quickest),
-    never before. Should Scenario's clock fall behind ours, the new gaps are the least at
-    once; should it jump ahead, the old least makes starts late, and a start is never later
-    than the answer."""
+    The answer to a POST comes some milliseconds after Scenario created its job, and by a
+    varying delay: a first look timed from the answer lands that much after the job ends.
+    Scenario's `createdAt` is on its clock, not ours. What separates the two, plus the
+    quickest answer, is the least (our clock when a POST was answered - the job's
+    `createdAt`) over the recent answers: a job's `createdAt` plus it is never later than
+    its answer, and not earlier than its creation while the two clocks keep their distance.
+    Should Scenario's clock fall behind ours, the estimate would be early until the gaps
+    from before have left the window; it is never earlier than the POST was sent, which
+    bounds the error by the POST's own time (a look that comes early costs one list call)."""
 
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=START_SAMPLES))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -146,15 +143,15 @@ class JobStarts:
         self, created: datetime, answered: datetime, sent: datetime | None = None
     ) -> datetime:
         """A job created at `created` (Scenario's clock), POSTed at `sent` and answered at
-        `answered` (ours): when it started for our requests. Without `sent`, a job found by
-        a reconciliation (created long before): it teaches nothing."""
+        `answered` (ours): when it started on our clock. Without `sent`, a job found by a
+        reconciliation (created long before), whose gap teaches nothing."""
+        gap = (answered - created).total_seconds()
         with self.lock:
             if sent is not None:
-                self.recent.append((created - sent).total_seconds())
-            if not self.recent:  # the clocks' distance is unknown yet: no earlier than seen
-                return answered
-            least = min(self.recent)
-        return min(created - timedelta(seconds=least), answered)
+                self.recent.append(gap)
+            least = min(self.recent, default=gap)
+        started = created + timedelta(seconds=min(least, gap))
+        return started if sent is None else max(started, sent)
 
 
 @dataclass
@@ -452,8 +449,7 @@ class _Batch:
     ) -> None:
         """A job Scenario accepted, answering our POST sent at `sent` (None: found by a
         reconciliation, or the time is unknown): recorded by the next flush. Its first look
-        is timed from when it started for our requests (`JobStarts`), not from the answer,
-        which came a round trip later."""
+        is timed from when it started, not from the answer, which came some ms later."""
         mono, answered = time.monotonic(), ctx.now()
         started = ctx.starts.started(job.created_at, answered, sent)
         expected = self.first_look(ctx, model)
@@ -628,9 +624,9 @@ def _auth_message(exc: Exception) -> str:
 # -- polling -----------------------------------------------------------------------------
 
 
-# How long past a job's expected finish it is first looked at: a job's start (JobStarts) is
-# timed so a look reaches Scenario no sooner than its end, so this only covers timestamps'
-# milliseconds (a start or a duration read from truncated timestamps is 1 ms off at most).
+# How long past a job's expected finish it is first looked at: our clock starts when the
+# POST answered, after Scenario's, so this only covers timestamps' milliseconds (a duration
+# read from two truncated timestamps is less than 1 ms short).
 FIRST_LOOK_MARGIN = 0.002
 # While a model's duration is unknown, a job seen finalizing (about to end) is looked at
 # again after this fraction of its age (a fifth otherwise), and at least this long after:
@@ -666,8 +662,8 @@ def next_poll_in(
 ) -> float:
     """Seconds until a job is worth looking at again (pure; the list poll is due then).
 
-    With a learned duration the first look lands just after the expected finish (`elapsed`
-    counts from the job's start as `JobStarts` tells it); an overdue job is looked at
+    With a learned duration the first look lands just after the expected finish (our clock
+    starts when the POST answered, a little after Scenario's); an overdue job is looked at
     again after half its delay so far (a geometric backoff, capped). Without
     one, looks come at a fifth of the elapsed time: a detection delay of at most 20% on the
     first jobs of a model, and few requests for a slow one. A job seen `finalizing` (its
