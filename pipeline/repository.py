@@ -147,6 +147,11 @@ class SubmitWork:
     open_intent_id: int | None
     open_intent_at: datetime | None
 
+    @property
+    def needs_intent(self) -> bool:
+        """No intent of an earlier try is open, and a try is left: one is written first."""
+        return self.open_intent_id is None and self.attempts < self.max_attempts
+
 
 @dataclass
 class Handout:
@@ -1320,12 +1325,7 @@ class Repository:
             }
             if handout.owner is not None and moved:
                 handout.works = self._submit_works(s, handout.nodes)
-                fresh = [
-                    w.node_id
-                    for w in handout.works
-                    if w.open_intent_id is None and w.attempts < w.max_attempts
-                ]
-                if fresh:
+                if fresh := [w.node_id for w in handout.works if w.needs_intent]:
                     handout.intents = self._record_intents(s, fresh, handout.owner, now)
         return handout
 

@@ -354,25 +354,20 @@ def _prepare(
     claim: tuple[Handout, float] | None = None,
 ) -> _Sending:
     """Claim the nodes, read what their POSTs need and write their intents, unless `claim`,
-    (hand-out, when), says the dispatch did as it handed them out."""
+    (a hand-out that claimed them, when), says the dispatch did as it handed them out."""
     results = dict.fromkeys(node_ids, "not-claimed")
-    if claim is not None and claim[0].owner is not None:
+    if claim is not None and (owner := claim[0].owner) is not None:
         handout, claimed_at = claim
-        owner, works, intents = claim[0].owner, handout.works, handout.intents
-        batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at)
-        results.update(dict.fromkeys(node_ids, "missing"))
+        works, intents = handout.works, handout.intents
+        claimed = list(node_ids)
     else:
         owner, claimed_at = _new_owner(ctx), time.monotonic()
         claimed = ctx.repo.claim(node_ids, owner, NodeState.SUBMITTING)
-        batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at)
-        if not claimed:
-            return _Sending(owner, results, [], {}, batch)
-        results.update(dict.fromkeys(claimed, "missing"))
-        works = ctx.repo.submit_works(claimed)
-        fresh = [
-            w.node_id for w in works if w.open_intent_id is None and w.attempts < w.max_attempts
-        ]
+        works = ctx.repo.submit_works(claimed) if claimed else []
+        fresh = [w.node_id for w in works if w.needs_intent]
         intents = ctx.repo.record_intents(fresh, owner) if fresh else {}
+    batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at)
+    results.update(dict.fromkeys(claimed, "missing"))
     for work in works:
         batch.first_look(ctx, work.model)  # read here, not by each POST's thread
     return _Sending(owner, results, works, intents, batch)
@@ -1092,8 +1087,8 @@ def _dispatch(
     caps = ctx.caps.get_all()
     rooms = {pool: caps[pool].limit(tuning.parallel_jobs) - in_use.get(pool, 0) for pool in POOLS}
     # A few new submissions (slots a list saw freed, a run's first wave) go out from here,
-    # with no queue between the decision and their POSTs: when the slots cannot take more
-    # than a batch, the nodes are claimed as they are handed out. A big batch is worth
+    # with no queue between the decision and their POSTs: a hand-out of at most a batch is
+    # claimed, read and given its intents in its own transaction. A big batch is worth
     # spreading over the workers: tasks.
     owner = _new_owner(ctx) if tuning.in_sweeper else None
     claimed_at = time.monotonic()  # before the claims are written
