@@ -488,17 +488,19 @@ def _wait_for(executor: Any, run_id: str, *, show: bool) -> dict[str, Any]:
                 done = sum(counts.get(k, 0) for k in ("succeeded", "failed", "skipped", "canceled"))
                 bar.update(task, total=total, completed=done, detail=_detail(counts))
 
-            return executor.wait(run_id, on_progress=show_progress)
+            report = executor.wait(run_id, on_progress=show_progress)
+            show_progress(executor.progress(run_id))
+            return report
     last: list[str] = [""]
     last_at = [0.0]
 
     def plain(counts: dict[str, int]) -> None:
         line = _detail(counts)
-        if show and (line != last[0] and time.monotonic() - last_at[0] > 2.0):
+        if line != last[0] and time.monotonic() - last_at[0] > 2.0:
             err.print(f"{run_id}: {line}", markup=False)
             last[0], last_at[0] = line, time.monotonic()
 
-    report = executor.wait(run_id, on_progress=plain)
+    report = executor.wait(run_id, on_progress=plain if show else None)
     if show:
         err.print(f"{run_id}: {_detail(executor.progress(run_id))}", markup=False)
     return report

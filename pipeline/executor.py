@@ -316,11 +316,17 @@ class Executor:
         *,
         on_progress: Callable[[dict[str, int]], None] | None = None,
         interval: float = 0.25,
+        progress_every: float = 1.0,
     ) -> dict[str, Any]:
-        """Block until the run is final; returns its report."""
+        """Block until the run is final; returns its report. The status is read every
+        `interval`, the item counts for `on_progress` every `progress_every` while it runs:
+        in embedded mode this loop shares the interpreter with the sweeper and its POSTs,
+        and counting every item four times a second held them up."""
+        shown_at = float("-inf")
         while True:  # the run's status is derived by the sweeper (ours or another's)
-            if on_progress is not None:
-                on_progress(self.progress(run_id))
             if self.ctx.repo.run_status(run_id) != RunStatus.RUNNING:
                 return self.report(run_id)
+            if on_progress is not None and time.monotonic() - shown_at >= progress_every:
+                on_progress(self.progress(run_id))
+                shown_at = time.monotonic()
             time.sleep(interval)

@@ -972,18 +972,20 @@ class Repository:
 
     def run_progress(self, run_id: str) -> dict[str, int]:
         """Item counts by status for one run (cheap; used by --wait)."""
-        with self._tx() as s:
-            rows = s.execute(
-                select(ItemRow.status, func.count())
-                .where(ItemRow.run_id == run_id)
-                .group_by(ItemRow.status)
+        with self._core() as conn:
+            rows = conn.execute(
+                select(ITEMS.c.status, func.count())
+                .where(ITEMS.c.run_id == run_id)
+                .group_by(ITEMS.c.status)
             ).all()
         return {str(status): int(n) for status, n in rows}
 
     def run_status(self, run_id: str) -> RunStatus | None:
-        with self._tx() as s:
-            run = s.get(RunRow, run_id)
-            return run.status if run else None
+        """A run's status (one column: `--wait` asks it four times a second, in the process
+        whose sweeper and POSTs it must not slow down)."""
+        with self._core() as conn:
+            status = conn.execute(select(RUNS.c.status).where(RUNS.c.id == run_id)).scalar()
+        return RunStatus(status) if status is not None else None
 
     # -- leases and cursors ---------------------------------------------------------------
 
