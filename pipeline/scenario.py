@@ -64,6 +64,7 @@ from pipeline.retry import Backoff, call_with_retry
 
 logger = logging.getLogger(__name__)
 
+KEEPALIVE_SECONDS = 30.0
 USER_AGENT = f"scenario-pipeline/{__version__} (+httpx/{httpx.__version__})"
 DRY_RUN_STATUS = 269
 BULK_LIMIT = 200
@@ -339,7 +340,9 @@ class ScenarioClient:
         token = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
         self._scrub = _make_scrubber(api_key, api_secret, token)
         limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=KEEPALIVE_SECONDS,
         )
         timeouts = httpx.Timeout(timeout, connect=min(10.0, timeout))
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
