@@ -169,6 +169,21 @@ class Handout:
         return [node_id for ids in self.handed.values() for node_id in ids]
 
 
+@dataclass
+class ReadAhead:
+    """Pending nodes a refill would hand out, read before their slots are free: (node id,
+    item id) per pool, oldest due first; what each one's POST needs; when it was read (the
+    database's clock)."""
+
+    found: dict[str, list[tuple[int, int]]]
+    works: dict[int, SubmitWork]
+    read_at: datetime
+
+    @property
+    def count(self) -> int:
+        return sum(len(rows) for rows in self.found.values())
+
+
 @dataclass(frozen=True)
 class InFlightJob:
     """A submitted job the poller is watching."""
@@ -1275,60 +1290,108 @@ class Repository:
         caller sends itself), they are claimed for it as they are handed out, and what their
         POSTs need is read and their intents written in the same transaction: nothing but
         the POSTs is left between a freed slot and its new job."""
-        handout = Handout({pool: [] for pool in rooms})
         if all(room <= 0 for room in rooms.values()):
-            return handout
+            return Handout({pool: [] for pool in rooms})
         now = self.now()
-        item_of: dict[int, int] = {}
         with self._core() as s:
-            for pool, room in rooms.items():
-                if room <= 0:
-                    continue
-                rows = s.execute(
-                    select(NODES.c.id, NODES.c.item_id)
-                    .where(
-                        NODES.c.state == NodeState.PENDING,
-                        or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
-                        *_in_pool(pool),
-                    )
-                    .order_by(NODES.c.due_at, NODES.c.id)
-                    .limit(room)
-                ).all()
-                handout.handed[pool] = [node_id for node_id, _ in rows]
-                item_of.update(rows)
-            if not item_of:
-                return handout
-            if owner is not None and (claim_up_to is None or len(item_of) <= claim_up_to):
-                handout.owner = owner
-            change = nodes.decide(
-                Facts(NodeState.PENDING), nodes.Dispatch(handout.owner), now, self.policy
-            )
-            assert change is not None
-            # Only the nodes this UPDATE moved are handed out (and, with an owner, claimed):
-            # one another writer moved since the SELECT (a cancel) is left out.
-            moved = set(
-                s.execute(
-                    update(NODES)
-                    .where(NODES.c.id.in_(list(item_of)), NODES.c.state == NodeState.PENDING)
-                    .values(**_values(change), updated_at=now)
-                    .returning(NODES.c.id)
-                ).scalars()
-            )
-            s.execute(
-                update(ITEMS)
+            found = self._pending(s, rooms, now)
+            count = sum(len(rows) for rows in found.values())
+            if owner is not None and claim_up_to is not None and count > claim_up_to:
+                owner = None
+            return self._hand_out(s, found, owner, now)
+
+    def read_ahead(self, rooms: Mapping[str, int]) -> ReadAhead:
+        """The due pending nodes a refill of `rooms` would hand out, and what their POSTs
+        need, read before the slots are free (`hand_out` writes the rest)."""
+        now = self.now()
+        with self._core() as s:
+            found = self._pending(s, rooms, now)
+            ids = [node_id for rows in found.values() for node_id, _ in rows]
+            works = {w.node_id: w for w in self._submit_works(s, ids)} if ids else {}
+        return ReadAhead(found, works, now)
+
+    def hand_out(self, ahead: ReadAhead, rooms: Mapping[str, int], owner: str) -> Handout:
+        """Hand out and claim for `owner` up to `rooms[pool]` of the nodes read ahead, and
+        write their intents, in one transaction of writes. A node moved since it was read
+        (by anything: its `updated_at` is newer) is left out, as is one no longer pending."""
+        found = {pool: rows[: max(0, rooms.get(pool, 0))] for pool, rows in ahead.found.items()}
+        if not any(found.values()):
+            return Handout({pool: [] for pool in rooms})
+        with self._core() as s:
+            return self._hand_out(s, found, owner, self.now(), ahead)
+
+    @staticmethod
+    def _pending(
+        conn: Connection, rooms: Mapping[str, int], now: datetime
+    ) -> dict[str, list[tuple[int, int]]]:
+        """Up to `rooms[pool]` due pending nodes of each pool, oldest due first: (node id,
+        item id) per pool."""
+        found: dict[str, list[tuple[int, int]]] = {pool: [] for pool in rooms}
+        for pool, room in rooms.items():
+            if room <= 0:
+                continue
+            rows = conn.execute(
+                select(NODES.c.id, NODES.c.item_id)
                 .where(
-                    ITEMS.c.id.in_({item_of[node_id] for node_id in moved}),
-                    ITEMS.c.status == ItemStatus.PENDING,
+                    NODES.c.state == NodeState.PENDING,
+                    or_(NODES.c.due_at.is_(None), NODES.c.due_at <= now),
+                    *_in_pool(pool),
                 )
-                .values(status=ItemStatus.RUNNING, updated_at=now)
+                .order_by(NODES.c.due_at, NODES.c.id)
+                .limit(room)
+            ).all()
+            found[pool] = [(node_id, item_id) for node_id, item_id in rows]
+        return found
+
+    def _hand_out(
+        self,
+        conn: Connection,
+        found: Mapping[str, list[tuple[int, int]]],
+        owner: str | None,
+        now: datetime,
+        ahead: ReadAhead | None = None,
+    ) -> Handout:
+        """Move the `found` pending nodes to submitting, claimed for `owner` if given, with
+        what their POSTs need and their intents; with `ahead`, only those unchanged since
+        it was read, and what their POSTs need is its."""
+        handout = Handout({pool: [node_id for node_id, _ in rows] for pool, rows in found.items()})
+        item_of = {node_id: item_id for rows in found.values() for node_id, item_id in rows}
+        if not item_of:
+            return handout
+        handout.owner = owner
+        change = nodes.decide(Facts(NodeState.PENDING), nodes.Dispatch(owner), now, self.policy)
+        assert change is not None
+        unchanged = [] if ahead is None else [NODES.c.updated_at <= ahead.read_at]
+        # Only the nodes this UPDATE moved are handed out (and, with an owner, claimed):
+        # one another writer moved since the SELECT (a cancel) is left out.
+        moved = set(
+            conn.execute(
+                update(NODES)
+                .where(
+                    NODES.c.id.in_(list(item_of)), NODES.c.state == NodeState.PENDING, *unchanged
+                )
+                .values(**_values(change), updated_at=now)
+                .returning(NODES.c.id)
+            ).scalars()
+        )
+        conn.execute(
+            update(ITEMS)
+            .where(
+                ITEMS.c.id.in_({item_of[node_id] for node_id in moved}),
+                ITEMS.c.status == ItemStatus.PENDING,
             )
-            handout.handed = {
-                pool: [n for n in ids if n in moved] for pool, ids in handout.handed.items()
-            }
-            if handout.owner is not None and moved:
-                handout.works = self._submit_works(s, handout.nodes)
-                if fresh := [w.node_id for w in handout.works if w.needs_intent]:
-                    handout.intents = self._record_intents(s, fresh, handout.owner, now)
+            .values(status=ItemStatus.RUNNING, updated_at=now)
+        )
+        handout.handed = {
+            pool: [n for n in ids if n in moved] for pool, ids in handout.handed.items()
+        }
+        if owner is not None and moved:
+            if ahead is None:
+                handout.works = self._submit_works(conn, handout.nodes)
+            else:
+                handout.works = [ahead.works[n] for n in handout.nodes if n in ahead.works]
+            if fresh := [w.node_id for w in handout.works if w.needs_intent]:
+                handout.intents = self._record_intents(conn, fresh, owner, now)
         return handout
 
     def due_for_tasks(self, state: NodeState) -> list[int]:

@@ -41,6 +41,7 @@ from pipeline.repository import (
     Handout,
     InFlightJob,
     NewObject,
+    ReadAhead,
     Repository,
     SubmitWork,
 )
@@ -717,6 +718,8 @@ class PollReport:
     finished: list[int] = field(default_factory=list)  # node ids now collecting or done
     failed: int = 0
     group_until: float | None = None  # monotonic: the poll waits for a group's last job
+    group_end: datetime | None = None  # the same, on the database's clock
+    group: Counter[str] = field(default_factory=Counter)  # the group's jobs per pool
 
 
 def poll_jobs(
@@ -744,6 +747,10 @@ def poll_jobs(
     mono = time.monotonic()
     if now < group_end:
         state.window_until = report.group_until = mono + (group_end - now).total_seconds()
+        report.group_end = group_end
+        report.group = Counter(
+            pool_of(j.endpoint) for j in jobs if j.due_at is not None and j.due_at <= group_end
+        )
         return report
     state.list_gap = list_interval(ctx, state, jobs)
     if mono - state.last_list_at < state.list_gap and not state.follow_up:
@@ -966,6 +973,7 @@ class SweeperState:
     lease_retry_at: float = float("-inf")  # another sweeper holds it: not asked before this
     runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
     collect_held: bool = False  # the last pass handed out submissions and held its collects
+    ahead: Ahead | None = None  # the refill of the group the poll waits for, read ahead
     samples_cache: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
     # Job id: (monotonic time, progress) when a list last saw it running, while its model's
     # duration is unknown (`progress_eta`).
@@ -1035,25 +1043,28 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
             # expires, and the tasks of its process (each one rings its bell) cost no query.
             state.lease_renew_at = float("-inf")
             state.lease_retry_at = mono + ttl / 4
+            state.ahead = None  # another sweeper hands out meanwhile: what it read goes stale
             return report
         state.lease_renew_at = mono + ttl / 2
     report.ran = True
     refill: list[tuple[list[int], dict[str, int]]] = []
 
     def freed(slots: Counter[str]) -> bool:
-        refill.append(_dispatch(ctx, report, slots))
+        refill.append(_dispatch(ctx, report, slots, state))
         return bool(refill[0][0])
 
     try:
         report.poll = poll_jobs(ctx, state, freed)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
+    if report.poll.group_end is not None and not refill:
+        read_ahead(ctx, state, report.poll.group_end, report.poll.group)
     # Deadlines after the list: their query does not delay a wave's refill, which a run
     # overdue since the last pass (half a second at most) may have had.
     for run_id in ctx.repo.overdue_runs():
         cancel_run(ctx, run_id, "the run's deadline passed")
     ended = bool(report.poll.finished or report.poll.failed)  # seen by this pass's list
-    handed, in_use = refill[0] if refill else _dispatch(ctx, report, Counter())
+    handed, in_use = refill[0] if refill else _dispatch(ctx, report, Counter(), state)
     # Collections after submissions: a freed slot is refilled first, its outputs stored
     # while the next job runs. A pass that handed out submissions holds its collects for
     # one pass (the submit task's POSTs are then not slowed by a collect's downloads and
@@ -1070,29 +1081,89 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
     return report
 
 
+AHEAD_FOR = 5.0  # seconds after its group's end that a refill read ahead is still used
+
+
+@dataclass
+class Ahead:
+    """A refill read while its slots are still taken (`read_ahead`): for the group of jobs
+    due by `group_end`, the pending nodes and their POSTs, the slots in use and the caps."""
+
+    group_end: datetime
+    nodes: ReadAhead
+    in_use: dict[str, int]
+    limits: dict[str, int]
+
+
+def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Counter[str]) -> None:
+    """While the sweeper waits for a group of jobs to end, read what refilling their slots
+    needs (the slots in use, the caps, the pending nodes, their POSTs, their models'
+    durations), so that between the list that sees them end and the new POSTs there is
+    one transaction of writes. Only for a refill the sweeper sends itself (at most a
+    batch); read once per group."""
+    tuning = ctx.tuning
+    if not tuning.in_sweeper or (state.ahead is not None and state.ahead.group_end == group_end):
+        return
+    state.ahead = None
+    in_use = ctx.repo.slots_by_pool()
+    read_limits(ctx)
+    caps = ctx.caps.get_all()
+    limits = {pool: caps[pool].limit(tuning.parallel_jobs) for pool in POOLS}
+    rooms = {
+        pool: limits[pool] - max(0, in_use.get(pool, 0) - group.get(pool, 0)) for pool in POOLS
+    }
+    nodes_ahead = ctx.repo.read_ahead(rooms)
+    if not 0 < nodes_ahead.count <= tuning.submit_batch:
+        return  # nothing to refill, or enough for tasks
+    for model in {work.model for work in nodes_ahead.works.values()}:
+        ctx.duration_samples(model)  # the POSTs' first looks: cached, not read after the list
+    state.ahead = Ahead(group_end, nodes_ahead, in_use, limits)
+
+
 def _dispatch(
-    ctx: Context, report: TickReport, freed: Counter[str]
+    ctx: Context, report: TickReport, freed: Counter[str], state: SweeperState | None = None
 ) -> tuple[list[int], dict[str, int]]:
     """Hand out the submissions that have a slot: the nodes to submit again, and pending
     ones up to each pool's cap; what was handed out and the slots in use before it.
 
     `freed` are slots of jobs a list just saw end that are not recorded yet (they still
     count as in use in the database). A few new submissions are sent by this thread, the
-    sweeper's (`Tuning.in_sweeper`)."""
+    sweeper's (`Tuning.in_sweeper`); when the sweeper read them ahead (`read_ahead`), all
+    that is left to do is to write their hand-out."""
     tuning = ctx.tuning
-    in_use = ctx.repo.slots_by_pool()
-    for pool, count in freed.items():
-        in_use[pool] = max(0, in_use.get(pool, 0) - count)
-    read_limits(ctx)
-    caps = ctx.caps.get_all()
-    rooms = {pool: caps[pool].limit(tuning.parallel_jobs) - in_use.get(pool, 0) for pool in POOLS}
-    # A few new submissions (slots a list saw freed, a run's first wave) go out from here,
-    # with no queue between the decision and their POSTs: a hand-out of at most a batch is
-    # claimed, read and given its intents in its own transaction. A big batch is worth
-    # spreading over the workers: tasks.
-    owner = _new_owner(ctx) if tuning.in_sweeper else None
-    claimed_at = time.monotonic()  # before the claims are written
-    handout = ctx.repo.dispatch_pending(rooms, owner, claim_up_to=tuning.submit_batch)
+    ahead = state.ahead if state is not None and freed else None
+    if ahead is not None:
+        assert state is not None
+        state.ahead = None  # used once: what it read is stale after this hand-out
+        if ctx.now() - ahead.group_end > timedelta(seconds=AHEAD_FOR):
+            ahead = None  # a list long after the group's end (the API or database was down)
+    if ahead is not None:
+        # In use then, less the slots freed since: no more (only this thread takes slots,
+        # and a hand-out drops what was read ahead), maybe fewer (a job failed meanwhile).
+        in_use = {pool: max(0, ahead.in_use.get(pool, 0) - freed.get(pool, 0)) for pool in POOLS}
+        rooms = {pool: ahead.limits[pool] - in_use[pool] for pool in POOLS}
+        owner: str | None = _new_owner(ctx)
+        assert owner is not None
+        claimed_at = time.monotonic()  # before the claims are written
+        handout = ctx.repo.hand_out(ahead.nodes, rooms, owner)
+    else:
+        in_use = ctx.repo.slots_by_pool()
+        for pool, count in freed.items():
+            in_use[pool] = max(0, in_use.get(pool, 0) - count)
+        read_limits(ctx)
+        caps = ctx.caps.get_all()
+        rooms = {
+            pool: caps[pool].limit(tuning.parallel_jobs) - in_use.get(pool, 0) for pool in POOLS
+        }
+        # A few new submissions (slots a list saw freed, a run's first wave) go out from
+        # here, with no queue between the decision and their POSTs: a hand-out of at most a
+        # batch is claimed, read and given its intents in its own transaction. A big batch
+        # is worth spreading over the workers: tasks.
+        owner = _new_owner(ctx) if tuning.in_sweeper else None
+        claimed_at = time.monotonic()  # before the claims are written
+        handout = ctx.repo.dispatch_pending(rooms, owner, claim_up_to=tuning.submit_batch)
+        if state is not None and handout.nodes:
+            state.ahead = None  # it counted slots these now take
     fresh = handout.nodes
     for pool, handed in handout.handed.items():
         report.full = report.full or len(handed) >= rooms[pool]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from pipeline import db, reports, stages
+from pipeline import db, nodes, reports, stages
 from pipeline.errors import DatabaseTransientError
 from pipeline.keys import compute_item_key, compute_recipe_key
 from pipeline.models import Base, ItemStatus, JobRow
@@ -772,6 +772,84 @@ def test_a_sweeper_that_dies_between_its_hand_out_and_its_posts_leaves_each_sent
     stats = sandbox.stats()
     assert stats["jobs_created"] == 3 and stats["duplicate_submissions"] == 0
     assert {i["status"] for i in report_of(ctx, run_id)["items"]} == {"running"}
+
+
+def waiting_for_a_group_with_a_refill_read_ahead(
+    ctx: Context, sandbox: Sandbox, pending: int
+) -> tuple[SweeperState, list[int]]:
+    """Two 0.4 s jobs of a known duration in flight on a cap of two, `pending` items
+    waiting: the sweeper passes until one waits for the pair's end; its state and the
+    nodes in flight."""
+    sandbox.configure(latency=0.4, latency_spread=0.0)
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=2, in_sweeper=True)
+    ctx.repo.policy = ctx.tuning.policy()
+    record(ctx, [f"read ahead {n}" for n in range(2 + pending)])
+    state = SweeperState(api_host="sandbox")
+    learnt = (time.monotonic() + 60, [0.4])  # a duration learnt before, in both caches
+    state.samples_cache[MODEL] = ctx.durations[MODEL] = learnt
+    sweep(ctx, state)  # the first wave, POSTed by the sweeper
+    wait_for(lambda: len(ctx.repo.in_flight_jobs()) == 2)
+    while (report := sweep(ctx, state)).poll.group_end is None:
+        assert not report.poll.list_calls, "a list was sent before the pair was due"
+        time.sleep(0.01)
+    return state, [j.node_id for j in ctx.repo.in_flight_jobs()]
+
+
+def test_a_refill_read_ahead_leaves_one_transaction_between_the_list_and_its_posts(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """While the sweeper waits for a group of jobs to end, it reads what refilling their
+    slots needs (slots in use, caps, pending nodes, their POSTs, durations): between the
+    list that sees them end and the new POSTs there is then one transaction, the hand-out's
+    writes, not four. The cap holds and every node is submitted once."""
+    from sqlalchemy import event
+
+    state, wave = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=2)
+    assert state.ahead is not None and state.ahead.nodes.count == 2
+    steps: list[str] = []
+    event.listen(ctx.repo.engine, "commit", lambda _conn: steps.append("commit"))
+    iter_jobs, generate = ctx.client.iter_jobs, ctx.client.generate
+
+    def listed(*args: Any, **kwargs: Any) -> Any:
+        steps.append("list")
+        return iter_jobs(*args, **kwargs)
+
+    def posted(*args: Any, **kwargs: Any) -> Any:
+        steps.append("post")
+        return generate(*args, **kwargs)
+
+    ctx.client.iter_jobs = listed  # type: ignore[method-assign]
+    ctx.client.generate = posted  # type: ignore[method-assign]
+    sweep_until_a_list_sees_jobs_end(ctx, state)
+    last_list = len(steps) - 1 - steps[::-1].index("list")
+    between = steps[last_list + 1 : steps.index("post", last_list)]
+    assert between == ["commit"]
+    assert state.ahead is None  # used once
+    wait_for(lambda: len(ctx.repo.in_flight_jobs()) == 2)
+    assert not {j.node_id for j in ctx.repo.in_flight_jobs()} & set(wave)
+    stats = sandbox.stats()
+    assert stats["jobs_created"] == 4 and stats["duplicate_submissions"] == 0
+    assert sum(stats["responses_429"].values()) == 0
+
+
+def test_a_node_that_changed_after_its_refill_was_read_ahead_is_left_out(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """What was read ahead is only handed out if it is as it was read: a node canceled
+    since is not submitted, and one still pending but written since (an error noted) is
+    left to a later pass, which hands it out afresh."""
+    state, _ = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=2)
+    assert state.ahead is not None
+    canceled, touched = (node_id for node_id, _ in state.ahead.nodes.found["custom"])
+    time.sleep(0.002)  # a later updated_at than the read, on any clock resolution
+    assert ctx.repo.transition(canceled, nodes.Cancel("canceled by a user"))
+    ctx.repo.note_error(touched, "noted after the read")
+    report = sweep_until_a_list_sees_jobs_end(ctx, state)
+    assert report.submitted == 0  # neither went out with the read-ahead hand-out
+    wait_for(lambda: sweep(ctx, state).submitted == 1)  # a later pass, afresh
+    wait_for(lambda: touched in {j.node_id for j in ctx.repo.in_flight_jobs()})
+    stats = sandbox.stats()
+    assert stats["jobs_created"] == 3 and stats["duplicate_submissions"] == 0
 
 
 def test_a_bigger_hand_out_than_a_batch_is_left_to_tasks_unclaimed(
