@@ -316,7 +316,8 @@ def run(
         if sandbox:
             settings = _start_sandbox(stack, settings)
         executor = stack.enter_context(Executor(settings, sandbox=sandbox))
-        if wait and not dry_run:
+        processing = not dry_run and (wait or executor.embedded)
+        if processing:
             executor.warm_up(stack)  # the worker starts while the runs are checked and recorded
         # Every manifest is checked (inputs, budget) before the first run is recorded.
         caps = [
@@ -327,6 +328,8 @@ def run(
             costs = [executor.dry_run(manifest) for manifest in manifests]
             _print_cost(costs, as_json)
             return
+        if processing:  # the sweeper gets ready while the runs are recorded
+            executor.start_processing(stack)
         run_ids = batch.start_runs(
             executor,
             manifests,

@@ -36,6 +36,7 @@ class Executor:
         self.embedded = not settings.distributed
         self._ctx: Context | None = None
         self._worker: runtime.EmbeddedWorker | None = None
+        self._sweeper: Sweeper | None = None
         self._stack = ExitStack()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -292,14 +293,22 @@ class Executor:
             runtime.CeleryDispatcher().warm()
 
     def start_processing(self, stack: ExitStack) -> None:
-        """Embedded: start an in-process worker and sweeper. Distributed: join the sweep."""
+        """Embedded: start an in-process worker and sweeper. Distributed: join the sweep.
+
+        Started before runs are recorded, the sweeper takes its lease and makes its first
+        pass while they are; called again once they are, it is rung, and its next pass
+        hands their first items out at once.
+        """
+        if self._sweeper is not None:
+            self.ctx.wake.set()
+            return
         if self.embedded:
             self.warm_up(stack)
             assert self._worker is not None
             self._worker.ready()
         runtime.settle_heap()
-        sweeper = Sweeper(self.ctx, self.settings.api_url).start()
-        stack.callback(sweeper.stop)
+        self._sweeper = Sweeper(self.ctx, self.settings.api_url).start()
+        stack.callback(self._sweeper.stop)
 
     def progress(self, run_id: str) -> dict[str, int]:
         return self.ctx.repo.run_progress(run_id)

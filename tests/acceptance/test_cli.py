@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 from pipeline.capacity import INITIAL
@@ -79,6 +83,38 @@ def test_run_stores_every_output_with_the_sha256_the_sandbox_served(
             assert output["bytes"] == path.stat().st_size
     assert generate_calls(sandbox) == 3
     assert sandbox.stats()["duplicate_submissions"] == 0
+
+
+# `pipeline` with its run's recording held 0.5 s, as a large manifest's is: the sweeper
+# started beside it has made its first pass, found nothing, and gone to sleep by then.
+SLOW_RECORDING = """
+import sys, time
+from pipeline.cli import main
+from pipeline.repository import Repository
+record_run = Repository.record_run
+def slow(self, **fields):
+    time.sleep(0.5)
+    return record_run(self, **fields)
+Repository.record_run = slow
+sys.exit(main())
+"""
+
+
+def test_a_runs_first_jobs_go_out_once_it_is_recorded_not_at_the_sweepers_next_tick(
+    cli: Cli, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The sweeper takes its lease and makes its first pass while the runs are recorded,
+    and is rung once they are: their first jobs do not wait out its tick (5 s here)."""
+    manifest = write_manifest(tmp_path, ICONS)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **cli.env, "PIPELINE_SWEEP_TICK": "5"}
+    done = subprocess.run(
+        [sys.executable, "-c", SLOW_RECORDING, "run", str(manifest), "--wait", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    recorded = datetime.fromisoformat(json.loads(done.stdout)["created_at"]).timestamp()
+    first_job = min(job.created for job in sandbox.store.jobs.values())
+    assert 0 < first_job - recorded < 2.0
 
 
 def test_second_run_skips_stored_items_and_submits_nothing(
