@@ -301,7 +301,10 @@ def submit_nodes(
 
 
 def send_here(
-    ctx: Context, node_ids: Sequence[int], claim: tuple[Handout, float] | None = None
+    ctx: Context,
+    node_ids: Sequence[int],
+    claim: tuple[Handout, float] | None = None,
+    looks: dict[str, float] | None = None,
 ) -> None:
     """Submit a small batch (a refill, a run's first wave) from this thread, the sweeper's,
     with no task in between: the claims, reads and intents are written now, the POSTs go
@@ -310,8 +313,9 @@ def send_here(
     what its list saw. The nodes are no
     less exactly-once (the same claims and intents), and a process that dies with them
     leaves them to their claims' expiry. `claim` is (the hand-out, monotonic time of its
-    claims) if the dispatch claimed them as it handed them out (and wrote their intents)."""
-    sending = _prepare(ctx, node_ids, time.time(), claim)
+    claims) if the dispatch claimed them as it handed them out (and wrote their intents);
+    `looks`, their models' first looks if they were read ahead."""
+    sending = _prepare(ctx, node_ids, time.time(), claim, looks)
     if not sending.works:
         return
     futures = _post(ctx, sending)
@@ -353,9 +357,11 @@ def _prepare(
     node_ids: Sequence[int],
     dispatched_at: float | None,
     claim: tuple[Handout, float] | None = None,
+    looks: dict[str, float] | None = None,
 ) -> _Sending:
     """Claim the nodes, read what their POSTs need and write their intents, unless `claim`,
-    (a hand-out that claimed them, when), says the dispatch did as it handed them out."""
+    (a hand-out that claimed them, when), says the dispatch did as it handed them out;
+    `looks` are first looks already known (read ahead)."""
     results = dict.fromkeys(node_ids, "not-claimed")
     if claim is not None and (owner := claim[0].owner) is not None:
         handout, claimed_at = claim
@@ -367,7 +373,7 @@ def _prepare(
         works = ctx.repo.submit_works(claimed) if claimed else []
         fresh = [w.node_id for w in works if w.needs_intent]
         intents = ctx.repo.record_intents(fresh, owner) if fresh else {}
-    batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at)
+    batch = _Batch(claimed_at=claimed_at, dispatched_at=dispatched_at, looks=dict(looks or {}))
     results.update(dict.fromkeys(claimed, "missing"))
     for work in works:
         batch.first_look(ctx, work.model)  # read here, not by each POST's thread
@@ -1093,6 +1099,7 @@ class Ahead:
     nodes: ReadAhead
     in_use: dict[str, int]
     limits: dict[str, int]
+    looks: dict[str, float]  # model: the first look of its new jobs, where one is known
 
 
 def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Counter[str]) -> None:
@@ -1115,9 +1122,12 @@ def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Co
     nodes_ahead = ctx.repo.read_ahead(rooms)
     if not 0 < nodes_ahead.count <= tuning.submit_batch:
         return  # nothing to refill, or enough for tasks
+    looks = {}
     for model in {work.model for work in nodes_ahead.works.values()}:
-        ctx.duration_samples(model)  # the POSTs' first looks: cached, not read after the list
-    state.ahead = Ahead(group_end, nodes_ahead, in_use, limits)
+        look = first_look_after(ctx.duration_samples(model), tuning.coalesce_fraction)
+        if look is not None:  # unknown: read again when the POSTs go out
+            looks[model] = look
+    state.ahead = Ahead(group_end, nodes_ahead, in_use, limits, looks)
 
 
 def _dispatch(
@@ -1170,7 +1180,8 @@ def _dispatch(
     queued = fresh
     if tuning.in_sweeper and 0 < len(fresh) <= tuning.submit_batch:
         queued = []
-        send_here(ctx, fresh, (handout, claimed_at) if handout.owner else None)
+        claim = (handout, claimed_at) if handout.owner else None
+        send_here(ctx, fresh, claim, ahead.looks if ahead is not None else None)
     # Nodes handed out again, after the new ones' POSTs (they hold their slots already):
     # they may need a reconciliation (a list call of its own): tasks.
     resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)

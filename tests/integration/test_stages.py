@@ -801,14 +801,24 @@ def test_a_refill_read_ahead_leaves_one_transaction_between_the_list_and_its_pos
     """While the sweeper waits for a group of jobs to end, it reads what refilling their
     slots needs (slots in use, caps, pending nodes, their POSTs, durations): between the
     list that sees them end and the new POSTs there is then one transaction, the hand-out's
-    writes, not four. The cap holds and every node is submitted once."""
+    writes, not four, even when the durations read ahead have expired since (as they have
+    by then for jobs of 5 s or more): the new jobs' first looks were read ahead too. The
+    cap holds and every node is submitted once."""
     from sqlalchemy import event
 
     state, wave = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=2)
     assert state.ahead is not None and state.ahead.nodes.count == 2
+    ctx.durations.clear()
     steps: list[str] = []
     event.listen(ctx.repo.engine, "commit", lambda _conn: steps.append("commit"))
     iter_jobs, generate = ctx.client.iter_jobs, ctx.client.generate
+    duration_samples = ctx.repo.duration_samples
+
+    def durations(*args: Any, **kwargs: Any) -> Any:
+        steps.append("durations")
+        return duration_samples(*args, **kwargs)
+
+    ctx.repo.duration_samples = durations  # type: ignore[method-assign]
 
     def listed(*args: Any, **kwargs: Any) -> Any:
         steps.append("list")
@@ -826,7 +836,11 @@ def test_a_refill_read_ahead_leaves_one_transaction_between_the_list_and_its_pos
     assert between == ["commit"]
     assert state.ahead is None  # used once
     wait_for(lambda: len(ctx.repo.in_flight_jobs()) == 2)
-    assert not {j.node_id for j in ctx.repo.in_flight_jobs()} & set(wave)
+    refill = ctx.repo.in_flight_jobs()
+    assert not {j.node_id for j in refill} & set(wave)
+    for job in refill:  # first looked at when its learnt 0.4 s are up, not a fifth of that
+        assert job.due_at is not None
+        assert (job.due_at - job.accepted_at).total_seconds() > 0.3
     stats = sandbox.stats()
     assert stats["jobs_created"] == 4 and stats["duplicate_submissions"] == 0
     assert sum(stats["responses_429"].values()) == 0
