@@ -1093,7 +1093,8 @@ AHEAD_FOR = 5.0  # seconds after its group's end that a refill read ahead is sti
 @dataclass
 class Ahead:
     """A refill read while its slots are still taken (`read_ahead`): for the group of jobs
-    due by `group_end`, the pending nodes and their POSTs, the slots in use and the caps."""
+    due by `group_end`, the pending nodes and their POSTs (none: nothing waits for their
+    slots), the slots in use and the caps."""
 
     group_end: datetime
     nodes: ReadAhead
@@ -1120,8 +1121,11 @@ def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Co
         pool: limits[pool] - max(0, in_use.get(pool, 0) - group.get(pool, 0)) for pool in POOLS
     }
     nodes_ahead = ctx.repo.read_ahead(rooms)
-    if not 0 < nodes_ahead.count <= tuning.submit_batch:
-        return  # nothing to refill, or enough for tasks
+    if nodes_ahead.count > tuning.submit_batch:
+        return  # enough for tasks
+    # Nothing to refill is worth knowing too: the list that sees a run's last jobs end
+    # goes straight to storing their outputs. A run recorded since rings the sweeper,
+    # whose pass before the group's end drops this.
     looks = {}
     for model in {work.model for work in nodes_ahead.works.values()}:
         look = first_look_after(ctx.duration_samples(model), tuning.coalesce_fraction)

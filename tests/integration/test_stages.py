@@ -846,6 +846,34 @@ def test_a_refill_read_ahead_leaves_one_transaction_between_the_list_and_its_pos
     assert sum(stats["responses_429"].values()) == 0
 
 
+def test_nothing_left_to_refill_is_read_ahead_too_and_the_last_list_goes_to_storing(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """A run's last group of jobs: the sweeper reads ahead that nothing waits for their
+    slots, so the list that sees them end goes straight to storing their outputs, with no
+    read of slots, caps or pending nodes in between, and that pass ends the run. A run
+    recorded meanwhile rings the sweeper, whose next pass hands it out."""
+    state, _ = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=0)
+    steps: list[str] = []
+    for name in ("slots_by_pool", "dispatch_pending", "read_ahead", "collect_works"):
+        method = getattr(ctx.repo, name)
+
+        def traced(*args: Any, _name: str = name, _method: Any = method, **kw: Any) -> Any:
+            steps.append(_name)
+            return _method(*args, **kw)
+
+        setattr(ctx.repo, name, traced)
+    deadline = time.monotonic() + 10
+    while not (steps.clear() or (report := sweep(ctx, state)).poll.finished):
+        assert time.monotonic() < deadline, "no job was seen ending"
+        time.sleep(0.02)
+    assert steps[0] == "collect_works"  # stored first, no hand-out read before it
+    assert report.collected and len(report.finished_runs) == 1
+    later = record(ctx, ["recorded after the read"])
+    wait_for(lambda: sweep(ctx, state).submitted == 1)
+    wait_for(lambda: report_of(ctx, later)["items"][0]["status"] == "running")
+
+
 def test_a_node_that_changed_after_its_refill_was_read_ahead_is_left_out(
     ctx: Context, sandbox: Sandbox
 ) -> None:
