@@ -213,10 +213,11 @@ def warm(ctx: Context) -> None:
     submission compile on their first run (SQLAlchemy caches them per engine). Paid by a
     run's first wave, they cost it about 35 ms before its first POST. The threads of a
     first wave's POSTs are started (each started on demand delays the POSTs after it by
-    about a millisecond), and the sweeper's one read of the plan's limits is done (two
-    requests: the first wave does not wait for them). Writes nothing but that read's
-    timestamp.
+    about a millisecond), and the sweeper's one read of the plan's limits is done, first
+    (two requests, two round trips against the real API: the first wave does not wait for
+    them). Writes nothing but that read's timestamp.
     """
+    read_limits(ctx)
     repo = ctx.repo
     repo.overdue_runs()
     repo.in_flight_jobs()
@@ -226,7 +227,6 @@ def warm(ctx: Context) -> None:
     repo.next_due()
     repo.duration_samples("")
     start_threads("post", ctx.tuning.submit_batch)
-    read_limits(ctx)
 
 
 # Threads that send a task's requests side by side, kept for the process: a freed group of

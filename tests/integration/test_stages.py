@@ -934,11 +934,21 @@ def test_a_warm_up_reads_the_plans_limits_so_the_first_wave_goes_out_at_the_plan
     ctx: Context, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While a run is recorded, a worker's warm-up starts a batch's POST threads and reads
-    the plan's limits once; the first pass then sends as many as the plan allows at once."""
+    the plan's limits once, first (two round trips against the real API, before its
+    queries); the first pass then sends as many as the plan allows at once."""
     monkeypatch.setattr(stages, "_io_threads", {})  # this test's own POST threads
     sandbox.configure(parallel_jobs=5, limits_access=True)
     ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=None, in_sweeper=True)
+    known_at_first_query: list[bool] = []
+    overdue_runs = ctx.repo.overdue_runs
+
+    def first_query() -> Any:
+        known_at_first_query.append(ctx.caps.get("custom").known)
+        return overdue_runs()
+
+    monkeypatch.setattr(ctx.repo, "overdue_runs", first_query)
     warm(ctx)
+    assert known_at_first_query == [True]
     assert len(stages.io_threads("post")._threads) >= ctx.tuning.submit_batch
     assert ctx.caps.get("custom").value == 5 and ctx.caps.get("custom").known
     asked = sandbox.stats()["requests"]
