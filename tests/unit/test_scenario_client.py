@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -23,6 +24,7 @@ from pipeline.errors import (
 )
 from pipeline.governor import NullGovernor
 from pipeline.retry import Backoff
+from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import (
     Asset,
     Job,
@@ -709,3 +711,25 @@ def assert_no_secret(exc: BaseException) -> None:
     rendered = "".join(traceback.format_exception(exc)) + repr(exc) + str(vars(exc))
     for needle in (KEY, SECRET, BASIC.split()[1]):
         assert needle not in rendered
+
+
+def test_an_idle_connection_is_kept_through_a_job_of_several_seconds() -> None:
+    """Between a wave's POSTs and the next (jobs of 5 s or more), or a collect's downloads
+    and the next, the connections wait idle: they are kept (30 s), not dropped after
+    httpx's default 5 s, so the next requests need no new connection (a TLS handshake each
+    against the real API). The sandbox is a real server on loopback."""
+    with Sandbox(SandboxConfig(seed=1)) as sandbox:
+        client = ScenarioClient(sandbox.url, "sandbox", "sandbox", timeout=5)
+        try:
+            client.get_model("model_bfl-flux-2-dev")
+            server = sandbox._server
+            assert server is not None
+            with server.connections_lock:
+                before = set(server.connections)
+            assert len(before) == 1
+            time.sleep(6.0)
+            client.get_model("model_bfl-flux-2-dev")
+            with server.connections_lock:
+                assert server.connections == before
+        finally:
+            client.close()
