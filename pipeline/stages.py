@@ -1113,13 +1113,9 @@ def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Co
     if not tuning.in_sweeper or (state.ahead is not None and state.ahead.group_end == group_end):
         return
     state.ahead = None
-    in_use = ctx.repo.slots_by_pool()
-    read_limits(ctx)
-    caps = ctx.caps.get_all()
-    limits = {pool: caps[pool].limit(tuning.parallel_jobs) for pool in POOLS}
-    rooms = {
-        pool: limits[pool] - max(0, in_use.get(pool, 0) - group.get(pool, 0)) for pool in POOLS
-    }
+    in_use, limits = _capacity(ctx)
+    after = _less(in_use, group)  # in use once the group has ended
+    rooms = {pool: limits[pool] - after[pool] for pool in POOLS}
     nodes_ahead = ctx.repo.read_ahead(rooms)
     if nodes_ahead.count > tuning.submit_batch:
         return  # enough for tasks
@@ -1132,6 +1128,18 @@ def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Co
         if look is not None:  # unknown: read again when the POSTs go out
             looks[model] = look
     state.ahead = Ahead(group_end, nodes_ahead, in_use, limits, looks)
+
+
+def _capacity(ctx: Context) -> tuple[dict[str, int], dict[str, int]]:
+    """The slots in use per pool (the database's count) and each pool's cap."""
+    in_use = ctx.repo.slots_by_pool()
+    read_limits(ctx)
+    caps = ctx.caps.get_all()
+    return in_use, {pool: caps[pool].limit(ctx.tuning.parallel_jobs) for pool in POOLS}
+
+
+def _less(in_use: Mapping[str, int], freed: Mapping[str, int]) -> dict[str, int]:
+    return {pool: max(0, in_use.get(pool, 0) - freed.get(pool, 0)) for pool in POOLS}
 
 
 def _dispatch(
@@ -1151,30 +1159,20 @@ def _dispatch(
         state.ahead = None  # used once: what it read is stale after this hand-out
         if ctx.now() - ahead.group_end > timedelta(seconds=AHEAD_FOR):
             ahead = None  # a list long after the group's end (the API or database was down)
-    if ahead is not None:
-        # In use then, less the slots freed since: no more (only this thread takes slots,
-        # and a hand-out drops what was read ahead), maybe fewer (a job failed meanwhile).
-        in_use = {pool: max(0, ahead.in_use.get(pool, 0) - freed.get(pool, 0)) for pool in POOLS}
-        rooms = {pool: ahead.limits[pool] - in_use[pool] for pool in POOLS}
-        owner: str | None = _new_owner(ctx)
-        assert owner is not None
-        claimed_at = time.monotonic()  # before the claims are written
+    # Read ahead: in use then, less the slots freed since: no more (only this thread takes
+    # slots, and a hand-out drops what was read ahead), maybe fewer (a job failed since).
+    in_use, limits = (ahead.in_use, ahead.limits) if ahead is not None else _capacity(ctx)
+    in_use = _less(in_use, freed)
+    rooms = {pool: limits[pool] - in_use[pool] for pool in POOLS}
+    # A few new submissions (slots a list saw freed, a run's first wave) go out from here,
+    # with no queue between the decision and their POSTs: a hand-out of at most a batch is
+    # claimed, read and given its intents in its own transaction. A big batch is worth
+    # spreading over the workers: tasks.
+    owner = _new_owner(ctx) if tuning.in_sweeper else None
+    claimed_at = time.monotonic()  # before the claims are written
+    if ahead is not None and owner is not None:
         handout = ctx.repo.hand_out(ahead.nodes, rooms, owner)
     else:
-        in_use = ctx.repo.slots_by_pool()
-        for pool, count in freed.items():
-            in_use[pool] = max(0, in_use.get(pool, 0) - count)
-        read_limits(ctx)
-        caps = ctx.caps.get_all()
-        rooms = {
-            pool: caps[pool].limit(tuning.parallel_jobs) - in_use.get(pool, 0) for pool in POOLS
-        }
-        # A few new submissions (slots a list saw freed, a run's first wave) go out from
-        # here, with no queue between the decision and their POSTs: a hand-out of at most a
-        # batch is claimed, read and given its intents in its own transaction. A big batch
-        # is worth spreading over the workers: tasks.
-        owner = _new_owner(ctx) if tuning.in_sweeper else None
-        claimed_at = time.monotonic()  # before the claims are written
         handout = ctx.repo.dispatch_pending(rooms, owner, claim_up_to=tuning.submit_batch)
         if state is not None and handout.nodes:
             state.ahead = None  # it counted slots these now take
