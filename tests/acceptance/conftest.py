@@ -35,9 +35,12 @@ class Cli:
 
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)
+    command: list[str] | None = None  # instead of `pipeline` (e.g. python -c CODE)
 
     def __call__(self, *args: str, timeout: float = 120, **env: str) -> Result:
-        command = [str(PIPELINE)] if PIPELINE.exists() else [sys.executable, "-m", "pipeline"]
+        command = self.command or (
+            [str(PIPELINE)] if PIPELINE.exists() else [sys.executable, "-m", "pipeline"]
+        )
         full_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.cwd),

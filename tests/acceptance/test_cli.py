@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
-import json
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -106,13 +105,10 @@ def test_a_runs_first_jobs_go_out_once_it_is_recorded_not_at_the_sweepers_next_t
     """The sweeper takes its lease and makes its first pass while the runs are recorded,
     and is rung once they are: their first jobs do not wait out its tick (5 s here)."""
     manifest = write_manifest(tmp_path, ICONS)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **cli.env, "PIPELINE_SWEEP_TICK": "5"}
-    done = subprocess.run(
-        [sys.executable, "-c", SLOW_RECORDING, "run", str(manifest), "--wait", "--json"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    recorded = datetime.fromisoformat(json.loads(done.stdout)["created_at"]).timestamp()
+    slow = dataclasses.replace(cli, command=[sys.executable, "-c", SLOW_RECORDING])
+    result = slow("run", str(manifest), "--wait", "--json", PIPELINE_SWEEP_TICK="5")
+    assert result.code == 0, result.stderr
+    recorded = datetime.fromisoformat(result.json()["created_at"]).timestamp()
     first_job = min(job.created for job in sandbox.store.jobs.values())
     assert 0 < first_job - recorded < 2.0
 

@@ -774,6 +774,18 @@ def test_a_sweeper_that_dies_between_its_hand_out_and_its_posts_leaves_each_sent
     assert {i["status"] for i in report_of(ctx, run_id)["items"]} == {"running"}
 
 
+def log_calls(steps: list[str], obj: Any, **labels: str) -> None:
+    """Each method of `obj` named in `labels` appends its label to `steps` when called."""
+    for name, label in labels.items():
+        method = getattr(obj, name)
+
+        def logged(*args: Any, _label: str = label, _method: Any = method, **kw: Any) -> Any:
+            steps.append(_label)
+            return _method(*args, **kw)
+
+        setattr(obj, name, logged)
+
+
 def waiting_for_a_group_with_a_refill_read_ahead(
     ctx: Context, sandbox: Sandbox, pending: int
 ) -> tuple[SweeperState, list[int]]:
@@ -811,25 +823,8 @@ def test_a_refill_read_ahead_leaves_one_transaction_between_the_list_and_its_pos
     ctx.durations.clear()
     steps: list[str] = []
     event.listen(ctx.repo.engine, "commit", lambda _conn: steps.append("commit"))
-    iter_jobs, generate = ctx.client.iter_jobs, ctx.client.generate
-    duration_samples = ctx.repo.duration_samples
-
-    def durations(*args: Any, **kwargs: Any) -> Any:
-        steps.append("durations")
-        return duration_samples(*args, **kwargs)
-
-    ctx.repo.duration_samples = durations  # type: ignore[method-assign]
-
-    def listed(*args: Any, **kwargs: Any) -> Any:
-        steps.append("list")
-        return iter_jobs(*args, **kwargs)
-
-    def posted(*args: Any, **kwargs: Any) -> Any:
-        steps.append("post")
-        return generate(*args, **kwargs)
-
-    ctx.client.iter_jobs = listed  # type: ignore[method-assign]
-    ctx.client.generate = posted  # type: ignore[method-assign]
+    log_calls(steps, ctx.client, iter_jobs="list", generate="post")
+    log_calls(steps, ctx.repo, duration_samples="durations")
     sweep_until_a_list_sees_jobs_end(ctx, state)
     last_list = len(steps) - 1 - steps[::-1].index("list")
     between = steps[last_list + 1 : steps.index("post", last_list)]
@@ -855,14 +850,8 @@ def test_nothing_left_to_refill_is_read_ahead_too_and_the_last_list_goes_to_stor
     recorded meanwhile rings the sweeper, whose next pass hands it out."""
     state, _ = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=0)
     steps: list[str] = []
-    for name in ("slots_by_pool", "dispatch_pending", "read_ahead", "collect_works"):
-        method = getattr(ctx.repo, name)
-
-        def traced(*args: Any, _name: str = name, _method: Any = method, **kw: Any) -> Any:
-            steps.append(_name)
-            return _method(*args, **kw)
-
-        setattr(ctx.repo, name, traced)
+    names = ("slots_by_pool", "dispatch_pending", "read_ahead", "collect_works")
+    log_calls(steps, ctx.repo, **{name: name for name in names})
     deadline = time.monotonic() + 10
     while not (steps.clear() or (report := sweep(ctx, state)).poll.finished):
         assert time.monotonic() < deadline, "no job was seen ending"
