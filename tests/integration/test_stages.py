@@ -1047,7 +1047,9 @@ def test_a_collect_downloads_its_nodes_outputs_side_by_side(ctx: Context, sandbo
     """Four finished items, every CDN download stalling 0.5 s: one collect task stores them
     in about one stall, not four one after another."""
     sandbox.configure(latency=0.1, latency_spread=0.0)
-    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=4)
+    # Claims that outlast the stalled collect on a loaded machine (the fixture's 1 s lease
+    # ran out once in the quick suite, and the collect's records were refused).
+    ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=4, lease_seconds=5.0)
     ctx.repo.policy = ctx.tuning.policy()
     run_id = record(ctx, [f"side by side {n}" for n in range(4)])
     state = SweeperState(api_host="sandbox")
