@@ -789,15 +789,17 @@ def log_calls(steps: list[str], obj: Any, **labels: str) -> None:
 def waiting_for_a_group_with_a_refill_read_ahead(
     ctx: Context, sandbox: Sandbox, pending: int
 ) -> tuple[SweeperState, list[int]]:
-    """Two 0.4 s jobs of a known duration in flight on a cap of two, `pending` items
+    """Two 1 s jobs of a known duration in flight on a cap of two, `pending` items
     waiting: the sweeper passes until one waits for the pair's end; its state and the
     nodes in flight."""
-    sandbox.configure(latency=0.4, latency_spread=0.0)
+    # 1 s: time enough, on a loaded machine, for a pass to see the pair in flight and wait
+    # for its end (with 0.4 s jobs a CI run's pass came after they had ended).
+    sandbox.configure(latency=1.0, latency_spread=0.0)
     ctx.tuning = dataclasses.replace(ctx.tuning, parallel_jobs=2, in_sweeper=True)
     ctx.repo.policy = ctx.tuning.policy()
     record(ctx, [f"read ahead {n}" for n in range(2 + pending)])
     state = SweeperState(api_host="sandbox")
-    learnt = (time.monotonic() + 60, [0.4])  # a duration learnt before, in both caches
+    learnt = (time.monotonic() + 60, [1.0])  # a duration learnt before, in both caches
     state.samples_cache[MODEL] = ctx.durations[MODEL] = learnt
     sweep(ctx, state)  # the first wave, POSTed by the sweeper
     wait_for(lambda: len(ctx.repo.in_flight_jobs()) == 2)
@@ -833,7 +835,7 @@ def test_a_refill_read_ahead_leaves_one_transaction_between_the_list_and_its_pos
     wait_for(lambda: len(ctx.repo.in_flight_jobs()) == 2)
     refill = ctx.repo.in_flight_jobs()
     assert not {j.node_id for j in refill} & set(wave)
-    for job in refill:  # first looked at when its learnt 0.4 s are up, not a fifth of that
+    for job in refill:  # first looked at when its learnt 1 s is up, not a fifth of that
         assert job.due_at is not None
         assert (job.due_at - job.accepted_at).total_seconds() > 0.3
     stats = sandbox.stats()
