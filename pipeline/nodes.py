@@ -5,7 +5,8 @@ An item is a small chain or fan-out tree of nodes: the generation, then each rec
 every output of the step before it.
 
     pending ─Dispatch─> submitting ─Accepted─> running ─Succeeded─> collecting ─Stored─> succeeded
-      ^ due_at            │ Throttled (429)     │  │  (nothing to store) ────────────> succeeded
+      ^ due_at            │ Throttled (429),    │  │  (nothing to store) ────────────> succeeded
+      │                   │ Unsent (never sent) │  │
       └───────────────────┘ back to pending     │  └─JobFailed, attempts left: back to pending
                                                 └─JobFailed, none left / Refused ──> failed
     submitting, collecting: Release (transient trouble) gives the claim back and sets a timer;
@@ -153,6 +154,14 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class Unsent:
+    """A node claimed for a POST that was never sent (its slot did not free after all):
+    it goes back to wait, as if never handed out. Its intent is deleted with it."""
+
+    owner: str
+
+
+@dataclass(frozen=True)
 class Throttled:
     """The POST was refused by a limit (429): nothing was created or billed."""
 
@@ -240,6 +249,7 @@ Event = (
     | Claim
     | Renew
     | Accepted
+    | Unsent
     | Throttled
     | Refused
     | Release
@@ -320,6 +330,9 @@ def decide(
         case Accepted(first_poll=first) if state == NodeState.SUBMITTING:
             # Not guarded by the claim: the job exists, whoever learnt of it records it.
             return Change(NodeState.RUNNING, _free() | {"due_at": _at(now, first)})
+        case Unsent(owner=owner) if state == NodeState.SUBMITTING:
+            values = _free() | {"due_at": now, "attempts": Inc(-1), "tries": Inc(-1)}
+            return Change(NodeState.PENDING, values, Guard.OWNER, owner)
         case Throttled(retry_after=retry_after, error=error) if state == NodeState.SUBMITTING:
             delay = retry_after if retry_after is not None else policy.resubmit_delay
             values = _free() | {"due_at": _at(now, delay), "attempts": Inc(-1)}

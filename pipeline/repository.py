@@ -34,6 +34,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     func,
     insert,
     or_,
@@ -1393,6 +1394,23 @@ class Repository:
             if fresh := [w.node_id for w in handout.works if w.needs_intent]:
                 handout.intents = self._record_intents(conn, fresh, owner, now)
         return handout
+
+    def give_back(self, handout: Handout, node_ids: Sequence[int]) -> list[int]:
+        """Return nodes of a hand-out that were claimed and given intents but never POSTed
+        (their slots did not free after all) to the pending nodes, due now, as if never
+        handed out: their intents are deleted, their claims, tries and attempts undone.
+        Only nodes still claimed by the hand-out's owner move; the nodes that did."""
+        if handout.owner is None or not node_ids:
+            return []
+        now = self.now()
+        with self._core() as conn:
+            moved = self._apply(conn, dict.fromkeys(node_ids, nodes.Unsent(handout.owner)), now)
+            rows = [handout.intents[n] for n in moved if n in handout.intents]
+            if rows:
+                conn.execute(
+                    delete(JOBS).where(JOBS.c.id.in_(rows), JOBS.c.scenario_job_id.is_(None))
+                )
+        return sorted(moved)
 
     def due_for_tasks(self, state: NodeState) -> list[int]:
         """Hand out again submitting/collecting nodes that are due or whose task vanished.

@@ -57,6 +57,10 @@ LIST_INTERVAL_MIN = 0.1
 LIST_INTERVAL_MAX = 1.0
 SWEEP_MIN_SLEEP = 0.02
 POLL_MIN_SLEEP = 0.001  # the least wait for a poll that is due to the millisecond
+# How early a pass that lists for a group of jobs starts, so that its reads and its refill's
+# hand-out are done when the group's last job is due: learnt (`SweeperState.learn_lead`).
+LEAD_DEFAULT = 0.01
+LEAD_BOUNDS = (0.002, 0.05)
 RUNS_REFRESH = 0.25  # at most this long between two derivations of run statuses
 FRESH_CLAIM = 1 / 90  # of the lease: a submit claim this young is not renewed before its POST
 RECORD_EVERY = 0.1  # seconds: how often a batch records the acceptances of its POSTs
@@ -739,20 +743,23 @@ def poll_jobs(
     new POSTs go out.
     """
     report = PollReport()
+    started = time.monotonic()
     jobs = ctx.repo.in_flight_jobs()
     if not jobs:
         return report
     now = ctx.now()
-    due = [j for j in jobs if j.due_at is None or j.due_at <= now]
     # Jobs submitted together finish a little apart: the jobs due within a few percent of
     # their duration after the first one are one group, and one list call, when the last
     # of them is due, sees the whole group finished. A tight group costs no wait at all.
     # Known before its first job is due, the group's end is the sweeper's next wake-up: a
     # pass at its first job's due time would only find it must wait, and delay the list.
+    # The pass comes `state.lead` early: what it does before its list (these reads, the
+    # refill's hand-out) is done by the group's end, and the list goes out then.
     group_end = coalesced_until(ctx, state, jobs, now)
     mono = time.monotonic()
-    if now < group_end:
-        state.window_until = report.group_until = mono + (group_end - now).total_seconds()
+    if now < group_end - timedelta(seconds=state.lead):
+        until = mono + (group_end - now).total_seconds()
+        state.window_until = report.group_until = until - state.lead
         report.group_end = group_end
         report.group = Counter(
             pool_of(j.endpoint) for j in jobs if j.due_at is not None and j.due_at <= group_end
@@ -774,6 +781,12 @@ def poll_jobs(
     stored = ctx.repo.get_cursor(cursor_key)
     watermark = max(oldest, datetime.fromisoformat(stored)) if stored else oldest
     newest_update: datetime | None = None
+    if freed is not None and prepare_refill(ctx, state, jobs, group_end):
+        state.learn_lead(time.monotonic() - started)
+    if (early := (group_end - ctx.now()).total_seconds()) > 0:
+        ctx.sleep(early)  # the list is asked when the group's last job is due, not before
+    now = ctx.now()
+    due = [j for j in jobs if j.due_at is None or j.due_at <= now]
     try:
         report.list_calls = 1
         for count, job in enumerate(
@@ -980,6 +993,9 @@ class SweeperState:
     runs_at: float = float("-inf")  # monotonic time of the next run-status refresh
     collect_held: bool = False  # the last pass handed out submissions and held its collects
     ahead: Ahead | None = None  # the refill of the group the poll waits for, read ahead
+    prepared: Prepared | None = None  # that refill handed out, for the list about to go out
+    lead: float = LEAD_DEFAULT  # how early a pass that lists for a group starts (`learn_lead`)
+    lead_seen: float | None = None  # the recent time from such a pass's start to its list
     samples_cache: dict[str, tuple[float, list[float]]] = field(default_factory=dict)
     # Job id: (monotonic time, progress) when a list last saw it running, while its model's
     # duration is unknown (`progress_eta`).
@@ -1005,6 +1021,12 @@ class SweeperState:
             values = ctx.repo.duration_samples(model)
             self.samples_cache[model] = (time.monotonic(), values)
         return values
+
+    def learn_lead(self, took: float) -> None:
+        """A pass took `took` seconds from its start to its list, reads and hand-out done:
+        passes for a group start twice the recent such time early (within LEAD_BOUNDS)."""
+        self.lead_seen = took if self.lead_seen is None else 0.7 * self.lead_seen + 0.3 * took
+        self.lead = min(max(2 * self.lead_seen, LEAD_BOUNDS[0]), LEAD_BOUNDS[1])
 
     def learn(self, ctx: Context, model: str, durations: list[float]) -> bool:
         """Jobs of `model` just seen succeeding after these durations: while the model's
@@ -1063,6 +1085,10 @@ def sweep(ctx: Context, state: SweeperState) -> TickReport:
         report.poll = poll_jobs(ctx, state, freed)
     except AuthError as exc:
         _fail_running_runs(ctx, _auth_message(exc))
+    finally:
+        if state.prepared is not None:  # its list refilled nothing (it failed, or taught)
+            _give_back(ctx, state.prepared, state.prepared.handout.nodes)
+            state.prepared = None
     if report.poll.group_end is not None and not refill:
         read_ahead(ctx, state, report.poll.group_end, report.poll.group)
     # Deadlines after the list: their query does not delay a wave's refill, which a run
@@ -1130,6 +1156,71 @@ def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Co
     state.ahead = Ahead(group_end, nodes_ahead, in_use, limits, looks)
 
 
+@dataclass
+class Prepared:
+    """A refill read ahead and handed out (claimed, its intents written) right before the
+    list that should see its group end: after the list's answer, only its POSTs are left."""
+
+    ahead: Ahead
+    handout: Handout
+    claimed_at: float  # monotonic, before its claims were written
+
+    def split(self, rooms: Mapping[str, int]) -> tuple[Handout, list[int]]:
+        """The part of the hand-out that the slots now free take, and the nodes left over
+        (the list saw fewer of the group's jobs end than it was handed out for)."""
+        handed = {
+            pool: ids[: max(0, rooms.get(pool, 0))] for pool, ids in self.handout.handed.items()
+        }
+        sent = {n for ids in handed.values() for n in ids}
+        part = Handout(
+            handed,
+            self.handout.owner,
+            [w for w in self.handout.works if w.node_id in sent],
+            {n: row for n, row in self.handout.intents.items() if n in sent},
+        )
+        return part, [n for n in self.handout.nodes if n not in sent]
+
+
+def prepare_refill(
+    ctx: Context, state: SweeperState, jobs: Sequence[InFlightJob], group_end: datetime
+) -> bool:
+    """Right before the list that should see a group of jobs end, hand out their refill
+    read ahead (`read_ahead`): its transaction of writes then overlaps the list's round
+    trip, where it used to follow the answer. Only for groups of models whose jobs take the
+    same time, which end when due: if some did not, the nodes their slots would have taken
+    are given back (`_give_back`), never POSTed."""
+    ahead = state.ahead
+    if ahead is None or ahead.group_end != group_end or not ahead.nodes.count:
+        return False
+    if ctx.now() - group_end > timedelta(seconds=AHEAD_FOR):
+        return False  # a list long after the group's end: _dispatch drops what was read
+    if any(not state.samples(ctx, m) or _varies(ctx, state, m) for m in {j.model for j in jobs}):
+        return False
+    group = Counter(
+        pool_of(j.endpoint) for j in jobs if j.due_at is not None and j.due_at <= group_end
+    )
+    after = _less(ahead.in_use, group)
+    rooms = {pool: ahead.limits[pool] - after[pool] for pool in POOLS}
+    claimed_at = time.monotonic()
+    handout = ctx.repo.hand_out(ahead.nodes, rooms, _new_owner(ctx))
+    state.ahead = None  # stale once handed out
+    if handout.nodes:
+        state.prepared = Prepared(ahead, handout, claimed_at)
+    return True
+
+
+def _give_back(ctx: Context, prepared: Prepared, node_ids: Sequence[int]) -> None:
+    """Return nodes handed out for slots that did not free to the pending ones; if the
+    database fails, their claims expire and their intents make the next try look for a
+    job first (there is none: they were never sent)."""
+    if not node_ids:
+        return
+    try:
+        ctx.repo.give_back(prepared.handout, node_ids)
+    except TransientError as exc:
+        logger.warning("could not give back the unsent nodes %s: %s", list(node_ids), exc)
+
+
 def _capacity(ctx: Context) -> tuple[dict[str, int], dict[str, int]]:
     """The slots in use per pool (the database's count) and each pool's cap."""
     in_use = ctx.repo.slots_by_pool()
@@ -1153,8 +1244,13 @@ def _dispatch(
     sweeper's (`Tuning.in_sweeper`); when the sweeper read them ahead (`read_ahead`), all
     that is left to do is to write their hand-out."""
     tuning = ctx.tuning
+    prepared = state.prepared if state is not None and freed else None
     ahead = state.ahead if state is not None and freed else None
-    if ahead is not None:
+    if prepared is not None:
+        assert state is not None
+        state.prepared = None
+        ahead = prepared.ahead
+    elif ahead is not None:
         assert state is not None
         state.ahead = None  # used once: what it read is stale after this hand-out
         if ctx.now() - ahead.group_end > timedelta(seconds=AHEAD_FOR):
@@ -1170,7 +1266,11 @@ def _dispatch(
     # spreading over the workers: tasks.
     owner = _new_owner(ctx) if tuning.in_sweeper else None
     claimed_at = time.monotonic()  # before the claims are written
-    if ahead is not None and owner is not None:
+    left: list[int] = []
+    if prepared is not None:
+        handout, left = prepared.split(rooms)
+        claimed_at = prepared.claimed_at
+    elif ahead is not None and owner is not None:
         handout = ctx.repo.hand_out(ahead.nodes, rooms, owner)
     else:
         handout = ctx.repo.dispatch_pending(rooms, owner, claim_up_to=tuning.submit_batch)
@@ -1184,6 +1284,8 @@ def _dispatch(
         queued = []
         claim = (handout, claimed_at) if handout.owner else None
         send_here(ctx, fresh, claim, ahead.looks if ahead is not None else None)
+    if prepared is not None:
+        _give_back(ctx, prepared, left)
     # Nodes handed out again, after the new ones' POSTs (they hold their slots already):
     # they may need a reconciliation (a list call of its own): tasks.
     resubmit = ctx.repo.due_for_tasks(NodeState.SUBMITTING)

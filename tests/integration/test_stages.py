@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from sqlalchemy import select
 from pipeline import db, nodes, reports, stages
 from pipeline.errors import DatabaseTransientError
 from pipeline.keys import compute_item_key, compute_recipe_key
-from pipeline.models import Base, ItemStatus, JobRow
+from pipeline.models import Base, ItemRow, ItemStatus, JobRow, NodeRow
 from pipeline.repository import InFlightJob, NewItem, Repository
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.scenario import ScenarioClient
@@ -809,29 +809,36 @@ def waiting_for_a_group_with_a_refill_read_ahead(
     return state, [j.node_id for j in ctx.repo.in_flight_jobs()]
 
 
-def test_a_refill_read_ahead_leaves_one_transaction_between_the_list_and_its_posts(
+def test_a_refill_read_ahead_leaves_nothing_but_its_posts_after_the_list(
     ctx: Context, sandbox: Sandbox
 ) -> None:
     """While the sweeper waits for a group of jobs to end, it reads what refilling their
-    slots needs (slots in use, caps, pending nodes, their POSTs, durations): between the
-    list that sees them end and the new POSTs there is then one transaction, the hand-out's
-    writes, not four, even when the durations read ahead have expired since (as they have
-    by then for jobs of 5 s or more): the new jobs' first looks were read ahead too. The
-    cap holds and every node is submitted once."""
+    slots needs (slots in use, caps, pending nodes, their POSTs, durations), and right
+    before the list that sees them end it writes the hand-out (claims, intents): after the
+    list's answer there is no query at all before the new POSTs, even when the durations
+    read ahead have expired since (as they have by then for jobs of 5 s or more): the new
+    jobs' first looks were read ahead too. The list is not asked before the group's last
+    job is due. The cap holds and every node is submitted once."""
     from sqlalchemy import event
 
     state, wave = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=2)
     assert state.ahead is not None and state.ahead.nodes.count == 2
+    group_end = state.ahead.group_end
     ctx.durations.clear()
     steps: list[str] = []
+    listed_at: list[datetime] = []
     event.listen(ctx.repo.engine, "commit", lambda _conn: steps.append("commit"))
     log_calls(steps, ctx.client, iter_jobs="list", generate="post")
-    log_calls(steps, ctx.repo, duration_samples="durations")
+    log_calls(steps, ctx.repo, duration_samples="durations", hand_out="hand-out")
+    iter_jobs = ctx.client.iter_jobs
+    ctx.client.iter_jobs = lambda **kw: listed_at.append(ctx.now()) or iter_jobs(**kw)  # type: ignore[method-assign]
     sweep_until_a_list_sees_jobs_end(ctx, state)
     last_list = len(steps) - 1 - steps[::-1].index("list")
     between = steps[last_list + 1 : steps.index("post", last_list)]
-    assert between == ["commit"]
-    assert state.ahead is None  # used once
+    assert between == []
+    assert steps[last_list - 2 : last_list] == ["hand-out", "commit"]
+    assert listed_at[-1] >= group_end
+    assert state.ahead is None and state.prepared is None  # used once
     wait_for(lambda: len(ctx.repo.in_flight_jobs()) == 2)
     refill = ctx.repo.in_flight_jobs()
     assert not {j.node_id for j in refill} & set(wave)
@@ -841,6 +848,61 @@ def test_a_refill_read_ahead_leaves_one_transaction_between_the_list_and_its_pos
     stats = sandbox.stats()
     assert stats["jobs_created"] == 4 and stats["duplicate_submissions"] == 0
     assert sum(stats["responses_429"].values()) == 0
+
+
+def test_a_refill_for_jobs_that_did_not_end_when_due_is_given_back_never_posted(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """The refill written before the list assumed the whole group would end when due. One
+    job of the pair runs late: the list sees one slot free, so one node is POSTed and the
+    other is given back, pending again with no intent and no attempt counted, its item
+    pending; it is POSTed once, when the late job ends. No 429, no duplicate."""
+    state, _ = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=2)
+    late = ctx.repo.in_flight_jobs()[0].scenario_job_id
+    sandbox.store.jobs[late].duration = 2.5  # still running when the pair is due
+    given_back: list[list[int]] = []
+    give_back = ctx.repo.give_back
+
+    def logged(handout: Any, node_ids: Any) -> list[int]:
+        given_back.append(give_back(handout, node_ids))
+        return given_back[-1]
+
+    ctx.repo.give_back = logged  # type: ignore[method-assign]
+    report = sweep_until_a_list_sees_jobs_end(ctx, state)
+    assert report.submitted == 1 and len(report.poll.finished) == 1
+    assert len(given_back) == 1 and len(given_back[0]) == 1
+    back = given_back[0][0]
+    with ctx.repo.session() as s:
+        assert s.execute(select(JobRow.id).where(JobRow.node_id == back)).first() is None
+        row = s.get(NodeRow, back)
+        assert (row.state, row.attempts, row.tries, row.claim_owner) == (
+            nodes.NodeState.PENDING, 0, 0, None,
+        )  # fmt: skip
+        assert s.get(ItemRow, row.item_id).status == ItemStatus.PENDING
+    assert sandbox.stats()["jobs_created"] == 3
+    wait_for(lambda: sweep(ctx, state) and back in {j.node_id for j in ctx.repo.in_flight_jobs()})
+    stats = sandbox.stats()
+    assert stats["jobs_created"] == 4 and stats["duplicate_submissions"] == 0
+    assert sum(stats["responses_429"].values()) == 0
+
+
+def test_a_refill_whose_list_sees_nothing_end_is_given_back_whole(
+    ctx: Context, sandbox: Sandbox
+) -> None:
+    """If the list sees none of the group end (a duration learnt too short), nothing is
+    POSTed and the whole refill written before it goes back to wait: no node is left
+    claimed with an intent that would have to be reconciled."""
+    state, _ = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=2)
+    for job in ctx.repo.in_flight_jobs():
+        sandbox.store.jobs[job.scenario_job_id].duration = 2.5
+    deadline = time.monotonic() + 10
+    while not (report := sweep(ctx, state)).poll.list_calls:
+        assert time.monotonic() < deadline, "no list was sent"
+        time.sleep(0.01)
+    assert report.submitted == 0 and not report.poll.finished and state.prepared is None
+    with ctx.repo.session() as s:
+        assert s.execute(select(JobRow.id).where(JobRow.scenario_job_id.is_(None))).first() is None
+    assert sandbox.stats()["jobs_created"] == 2
 
 
 def test_nothing_left_to_refill_is_read_ahead_too_and_the_last_list_goes_to_storing(
@@ -870,16 +932,28 @@ def test_a_node_that_changed_after_its_refill_was_read_ahead_is_left_out(
 ) -> None:
     """What was read ahead is only handed out if it is as it was read: a node canceled
     since is not submitted, and one still pending but written since (an error noted) is
-    left to a later pass, which hands it out afresh."""
+    left out of the hand-out written before the list; the list's pass then hands it out
+    afresh, read again."""
     state, _ = waiting_for_a_group_with_a_refill_read_ahead(ctx, sandbox, pending=2)
     assert state.ahead is not None
     canceled, touched = (node_id for node_id, _ in state.ahead.nodes.found["custom"])
     time.sleep(0.002)  # a later updated_at than the read, on any clock resolution
     assert ctx.repo.transition(canceled, nodes.Cancel("canceled by a user"))
     ctx.repo.note_error(touched, "noted after the read")
+    handed: list[list[int]] = []
+    hand_out, dispatch_pending = ctx.repo.hand_out, ctx.repo.dispatch_pending
+    ctx.repo.hand_out = lambda *a: handed.append(["read ahead"]) or hand_out(*a)  # type: ignore[method-assign]
+
+    def afresh(*args: Any, **kw: Any) -> Any:
+        out = dispatch_pending(*args, **kw)
+        handed.append(out.nodes)
+        return out
+
+    ctx.repo.dispatch_pending = afresh  # type: ignore[method-assign]
     report = sweep_until_a_list_sees_jobs_end(ctx, state)
-    assert report.submitted == 0  # neither went out with the read-ahead hand-out
-    wait_for(lambda: sweep(ctx, state).submitted == 1)  # a later pass, afresh
+    assert report.submitted == 1
+    handed = [h for h in handed if h]
+    assert handed == [["read ahead"], [touched]]
     wait_for(lambda: touched in {j.node_id for j in ctx.repo.in_flight_jobs()})
     stats = sandbox.stats()
     assert stats["jobs_created"] == 3 and stats["duplicate_submissions"] == 0

@@ -39,6 +39,7 @@ from pipeline.nodes import (
     StoreFailed,
     Succeeded,
     Throttled,
+    Unsent,
 )
 from pipeline.retry import Backoff
 
@@ -170,6 +171,18 @@ def test_a_429_puts_the_node_back_without_counting_an_attempt() -> None:
     assert row2.due_at == at(1 + POLICY.resubmit_delay)
 
 
+def test_a_node_never_sent_goes_back_as_if_never_handed_out() -> None:
+    """A refill handed out for slots that did not free after all: its claim, try and
+    attempt are undone, it is due at once, and only its owner may give it back."""
+    row = Row()
+    assert write(row, Dispatch("sweeper:1"), at(0))
+    row.attempts += 1  # its intent
+    assert not write(row, Unsent("another"), at(1))
+    assert write(row, Unsent("sweeper:1"), at(1))
+    assert (row.state, row.tries, row.attempts, row.due_at) == (NodeState.PENDING, 0, 0, at(1))
+    assert (row.claim_owner, row.claimed_until, row.error) == (None, None, None)
+
+
 def test_a_refused_submission_fails_with_scenarios_error_and_hint() -> None:
     row = Row(state=NodeState.SUBMITTING, attempts=1)
     assert write(row, Refused("400 width must be a multiple of 8", "use 1024"), at(1))
@@ -244,6 +257,7 @@ ALL_EVENTS: list[nodes.Event] = [
     Renew("a"),
     Accepted(1.0),
     Throttled(1.0, "429"),
+    Unsent("a"),
     Refused("400"),
     Release("a", "503"),
     Polled(1.0),
@@ -272,6 +286,7 @@ def test_events_that_do_not_belong_to_a_state_change_nothing() -> None:
             Renew,
             Accepted,
             Throttled,
+            Unsent,
             Refused,
             Release,
             Cancel,
