@@ -784,7 +784,9 @@ def poll_jobs(
     if freed is not None and prepare_refill(ctx, state, jobs, group_end):
         state.learn_lead(time.monotonic() - started)
     if (early := (group_end - ctx.now()).total_seconds()) > 0:
-        ctx.sleep(early)  # the list is asked when the group's last job is due, not before
+        # The list is asked when the group's last job is due, not before: a wait on the
+        # clock, not a backoff (`ctx.sleep`, which tests skip).
+        time.sleep(early)
     now = ctx.now()
     due = [j for j in jobs if j.due_at is None or j.due_at <= now]
     try:
