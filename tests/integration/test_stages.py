@@ -689,7 +689,9 @@ def test_a_poll_waiting_for_a_groups_last_job_sleeps_until_it_is_due(
 ) -> None:
     """Every job of a group that finished freed a slot: the sweeper looks when the last
     one is due, to the millisecond, not after its usual least sleep."""
-    sweeper = grouped_pair(ctx, sandbox, first_in=-0.005, second_in=0.05)
+    # The last job due in 100 ms (6 s jobs: a 120 ms group window): time for the pass's
+    # queries on a loaded machine, and its lead (10 ms at first), before the wake-up.
+    sweeper = grouped_pair(ctx, sandbox, first_in=-0.005, second_in=0.1, duration=6.0)
     report = sweeper.tick()
     assert report.poll.list_calls == 0 and report.poll.group_until is not None
     time.sleep(max(0.0, report.poll.group_until - time.monotonic() - 0.008))
