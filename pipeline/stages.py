@@ -1122,13 +1122,14 @@ AHEAD_FOR = 5.0  # seconds after its group's end that a refill read ahead is sti
 class Ahead:
     """A refill read while its slots are still taken (`read_ahead`): for the group of jobs
     due by `group_end`, the pending nodes and their POSTs (none: nothing waits for their
-    slots), the slots in use and the caps."""
+    slots), the slots in use and the caps, and the rooms once the group has ended."""
 
     group_end: datetime
     nodes: ReadAhead
     in_use: dict[str, int]
     limits: dict[str, int]
     looks: dict[str, float]  # model: the first look of its new jobs, where one is known
+    rooms: dict[str, int]  # per pool: the slots free once the group has ended
 
 
 def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Counter[str]) -> None:
@@ -1155,7 +1156,7 @@ def read_ahead(ctx: Context, state: SweeperState, group_end: datetime, group: Co
         look = first_look_after(ctx.duration_samples(model), tuning.coalesce_fraction)
         if look is not None:  # unknown: read again when the POSTs go out
             looks[model] = look
-    state.ahead = Ahead(group_end, nodes_ahead, in_use, limits, looks)
+    state.ahead = Ahead(group_end, nodes_ahead, in_use, limits, looks, rooms)
 
 
 @dataclass
@@ -1198,13 +1199,8 @@ def prepare_refill(
         return False  # a list long after the group's end: _dispatch drops what was read
     if any(not state.samples(ctx, m) or _varies(ctx, state, m) for m in {j.model for j in jobs}):
         return False
-    group = Counter(
-        pool_of(j.endpoint) for j in jobs if j.due_at is not None and j.due_at <= group_end
-    )
-    after = _less(ahead.in_use, group)
-    rooms = {pool: ahead.limits[pool] - after[pool] for pool in POOLS}
     claimed_at = time.monotonic()
-    handout = ctx.repo.hand_out(ahead.nodes, rooms, _new_owner(ctx))
+    handout = ctx.repo.hand_out(ahead.nodes, ahead.rooms, _new_owner(ctx))
     state.ahead = None  # stale once handed out
     if handout.nodes:
         state.prepared = Prepared(ahead, handout, claimed_at)
